@@ -1,0 +1,73 @@
+"""A node of the routing space: cell, gate and the scale transforms leaving it (paper Fig. 2).
+
+Training-time forward (Eq. 4 with the all-closed residual of Eq. 6), per sample b:
+
+    α = gate(X)                                  # (B, g)
+    H = cell(X)
+    m = 1[Σ_j α_j < 1e-4]
+    Y_keep = m·X + α_keep·keep(H);   Y_up = α_up·up(H);   Y_down = α_down·down(H)
+
+Everything is computed in training. The inference forward that really skips closed cells and
+paths per sample lives in `network.py`, which owns the batch bookkeeping.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cell import Cell
+from .gate import build_gate
+from .routing_space import INIT_ROW, NodeId, Path, channels
+from .transforms import build_transform
+
+
+def module_key(node: NodeId) -> str:
+    """ModuleDict key of a node: `init` or `r{row}s{scale}`."""
+    row, k = node
+    return "init" if row == INIT_ROW else f"r{row}s{k}"
+
+
+class Node(nn.Module):
+    """Cell + gate + transforms of node (row, scale).
+
+    Args:
+        node: (row, scale); row -1 is the init cell (no drop path).
+        paths: the paths leaving the node on the route, in gate column order.
+        base_channels: C₀; the node has C₀·2^scale channels.
+        cell: cell variant (see `cell.CELL_OPS`).
+        gate: gate kind (see `gate.GATE_KINDS`).
+        layers: L, for the drop path depth rate (l+1)/L.
+    """
+
+    def __init__(self, *, node: NodeId, paths: tuple[Path, ...], base_channels: int,
+                 cell: str, gate: str, small_gate: bool, gate_bias: float, layers: int,
+                 drop_path_prob: float, closed_threshold: float) -> None:
+        super().__init__()
+        row, scale = node
+        c = channels(scale, base_channels)
+        self.node = node
+        self.paths = paths
+        self.channels = c
+        self.closed_threshold = closed_threshold
+        depth_rate = 0.0 if row == INIT_ROW else (row + 1) / layers
+        self.cell = Cell(channels=c, op=cell, depth_rate=depth_rate, drop_prob=drop_path_prob)
+        self.gate = build_gate(gate, channels=c, num_paths=len(paths), small=small_gate,
+                               bias_init=gate_bias)
+        self.transforms = nn.ModuleDict({p.direction: build_transform(p.direction, c)
+                                         for p in paths})
+
+    def forward(self, x: torch.Tensor, progress: float = 0.0
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Soft forward: (α (B, g), [Y_j for each path j]) — Eq. 4 and the residual of Eq. 6."""
+        alpha = self.gate(x)  # (B, g)
+        h = self.cell(x, progress)  # (B, C, h, w)
+        closed = (alpha.sum(dim=1) < self.closed_threshold).to(x.dtype)  # (B,)
+        outputs = []
+        for j, path in enumerate(self.paths):
+            a = alpha[:, j].view(-1, 1, 1, 1)
+            y = a * self.transforms[path.direction](h)
+            if path.direction == "keep":
+                y = closed.view(-1, 1, 1, 1) * x + y
+            outputs.append(y)
+        return alpha, outputs

@@ -1,0 +1,1 @@
+"""Pipelines: the `dynroute` command and the DVC stages it runs."""
