@@ -1,0 +1,22 @@
+"""Metric names shared by training, evaluation, search, tracking and DVC: typed once, here.
+
+Every figure that leaves a run (MLflow metrics, Tune reports, DVC metrics files, registry tags)
+uses these names, so a chart in the MLflow UI, an Optuna objective and `dvc metrics show` agree.
+"""
+
+MIOU = "miou"
+PIXEL_ACCURACY = "pixel_accuracy"
+GFLOPS_MEAN = "gflops_mean"
+GFLOPS_MAX = "gflops_max"
+GFLOPS_MIN = "gflops_min"
+GFLOPS_P50 = "gflops_p50"
+GFLOPS_P90 = "gflops_p90"
+EXPECTED_GFLOPS = "expected_gflops"
+PARAMS = "params"
+LATENCY_MS = "latency_ms"
+LOSS_SEGMENTATION = "loss_seg"
+LOSS_BUDGET = "loss_budget"
+LEARNING_RATE = "lr"
+
+# The two objectives of the budget search: (name, direction).
+SEARCH_OBJECTIVES = ((MIOU, "max"), (GFLOPS_MEAN, "min"))

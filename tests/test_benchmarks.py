@@ -1,0 +1,18 @@
+"""Benchmarks run in CI at smoke size only: they must run, their figures are read by people."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dynamic_inference_benchmark_runs_at_smoke_size():
+    res = subprocess.run([sys.executable, "benchmarks/dynamic_inference.py", "--smoke"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for scenario in ("all-open", "no-up-down", "alternate-rows", "random-40"):
+        assert scenario in res.stdout
+    table = {line.split()[0]: line.split() for line in res.stdout.splitlines()[2:6]}
+    assert float(table["all-open"][2]) == 1.0
+    assert all(float(row[2]) < 1.0 for name, row in table.items() if name != "all-open")
