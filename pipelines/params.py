@@ -1,0 +1,98 @@
+"""`params.yaml`, the single source of truth for every stage, as frozen dataclasses.
+
+Unknown keys are refused with the key's full name, so a typo never silently falls back to a
+default. DVC stages read their values through `dvc.yaml` templating (`${data.raw}`) and depend on
+the individual keys; Python code loads the same file through `load_params`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """params.yaml that does not fit the schema; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    """The embedded synthetic dataset (`dynroute data synth`)."""
+
+    dataset: str = "cityscapes"
+    train: int = 64
+    val: int = 16
+    height: int = 256
+    width: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Which raw folder to prepare and how to shard it (`dynroute data prepare`).
+
+    `raw` points at the synthetic folder by default; for the real data set it to the folder that
+    holds leftImg8bit/ and gtFine/ (Cityscapes) or VOCdevkit/ and benchmark_RELEASE/ (VOC).
+    """
+
+    dataset: str = "cityscapes"
+    raw: str = "data/raw/synthetic"
+    prepared: str = "data/prepared"
+    rows_per_shard: int = 500
+    rows_per_group: int = 2
+
+
+@dataclass(frozen=True)
+class Params:
+    synth: SynthParams = field(default_factory=SynthParams)
+    data: DataParams = field(default_factory=DataParams)
+
+
+def _build(cls: type, data: object, where: str):
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where or 'params'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        keys = ", ".join(f"{where}.{k}" if where else k for k in unknown)
+        raise ParamsError(f"unknown key(s) {keys}; known: {', '.join(sorted(known))}")
+    values = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key)
+        else:
+            values[name] = _check_type(value, hint, key)
+    return cls(**values)
+
+
+def _check_type(value: object, hint: object, key: str) -> object:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not any(isinstance(value, t) and not (t is int and isinstance(value, bool))
+               for t in allowed if isinstance(t, type)):
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+        raise ParamsError(f"{key} = {value!r}: expected {names}")
+    return value
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ParamsError(f"cannot read {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    try:
+        return _build(Params, data, "")
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
