@@ -183,3 +183,74 @@ def data_prepare(
     counts = ", ".join(f"{split} {manifest.count(split)}" for split in manifest.splits)
     typer.echo(f"prepared {dataset} into {out}: {counts} images; content hash "
                f"{manifest.content_hash[:16]}")
+
+
+def _load_params(path: Path):
+    from dynroute.pipelines.params import ParamsError, load_params
+
+    try:
+        return load_params(path)
+    except ParamsError as err:
+        raise fail(str(err)) from None
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[Path, typer.Option(help="Prepared dataset (path or s3:// URI).")],
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    storage: Annotated[str | None, typer.Option(help="Override run.storage.")] = None,
+    name: Annotated[str | None, typer.Option(help="Override run.name.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Override run.workers.")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Override train.iterations.")] = None,
+    budget: Annotated[str | None, typer.Option(
+        help="Override train.budget: dynamic-a/b/c, dynamic-raw, network-fix.")] = None,
+) -> None:
+    """Train the network on Ray Train (in-process with 0 workers), tracked in MLflow."""
+    from dataclasses import replace
+
+    from dynroute.pipelines.run import tracking_uri, train_spec
+    from dynroute.platform.training import train
+
+    p = _load_params(params)
+    try:
+        p = replace(p, run=replace(p.run, **{k: v for k, v in
+                                             {"storage": storage, "name": name,
+                                              "workers": workers}.items() if v is not None}),
+                    train=replace(p.train, **{k: v for k, v in
+                                              {"iterations": iterations,
+                                               "budget": budget}.items() if v is not None}))
+        with tracking_uri(p) as uri:
+            result = train(train_spec(p, data=str(data), uri=uri))
+    except (ValueError, FileNotFoundError) as err:
+        raise fail(str(err)) from None
+    typer.echo(f"trained: {result.metrics.get('step')} steps, checkpoint {result.checkpoint}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint or a training run folder.")],
+    data: Annotated[Path, typer.Option(help="Prepared dataset (path or s3:// URI).")],
+    out: Annotated[Path, typer.Option(help="Folder for metrics, tables and plots.")],
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    metrics: Annotated[Path | None, typer.Option(help="Also write metrics here (DVC).")] = None,
+    plots: Annotated[Path | None, typer.Option(
+        help="Also write the per-class IoU and per-image GFLOPs tables here (DVC plots).")]
+    = None,
+    save_predictions: Annotated[bool, typer.Option(
+        help="Write predictions (Cityscapes: label-id PNGs for the official scripts).")] = False,
+) -> None:
+    """mIoU, per-class IoU, real GFLOPs per image, gate usage and latency of a checkpoint."""
+    from dynroute.pipelines.run import run_evaluation, tracking_uri
+
+    p = _load_params(params)
+    try:
+        with tracking_uri(p) as uri:
+            result = run_evaluation(p, checkpoint=checkpoint, data=str(data), out=out,
+                                    metrics=metrics, plots=plots, uri=uri,
+                                    save_predictions=save_predictions)
+    except (ValueError, FileNotFoundError) as err:
+        raise fail(str(err)) from None
+    g = result.gflops
+    typer.echo(f"mIoU {result.miou:.4f}, pixel accuracy {result.pixel_accuracy:.4f}, "
+               f"GFLOPs mean {g.mean:.3f} (min {g.min:.3f}, max {g.max:.3f}) "
+               f"at {result.cost_resolution[0]}x{result.cost_resolution[1]}; {out}")

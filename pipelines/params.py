@@ -15,6 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from dynroute.models import NetworkConfig
+from dynroute.platform.recipe import TrainConfig
+
 
 class ParamsError(ValueError):
     """params.yaml that does not fit the schema; the message names the key."""
@@ -48,9 +51,48 @@ class DataParams:
 
 
 @dataclass(frozen=True)
+class RunParams:
+    """How a training runs: where, on how many Ray workers, how often it checkpoints."""
+
+    name: str = "train"
+    storage: str = "artifacts/runs"  # local path or s3://bucket/prefix (Ray storage)
+    workers: int = 0  # Ray Train workers; 0 runs the loop in this process
+    use_gpu: bool = False
+    loader_workers: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    max_failures: int = 2
+    bf16: bool = False
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    split: str = "val"
+    cost_resolution: tuple[int, int] = (1024, 2048)  # declared resolution of reported GFLOPs
+    tta_scales: tuple[float, ...] = ()  # e.g. [0.75, 1.0, 1.25]; empty: single scale
+    tta_flip: bool = False
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    """`uri: local` runs an MLflow server (sqlite, 127.0.0.1) for the command's duration over
+    `dir`; `none` turns tracking off; anything else is a tracking server URI."""
+
+    uri: str = "local"
+    dir: str = "mlruns"
+    experiment: str = "dynroute"
+
+
+@dataclass(frozen=True)
 class Params:
     synth: SynthParams = field(default_factory=SynthParams)
     data: DataParams = field(default_factory=DataParams)
+    model: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunParams = field(default_factory=RunParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
 
 
 def _build(cls: type, data: object, where: str):
@@ -74,6 +116,15 @@ def _build(cls: type, data: object, where: str):
 
 
 def _check_type(value: object, hint: object, key: str) -> object:
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list | tuple):
+            raise ParamsError(f"{key} = {value!r}: expected a list")
+        args = typing.get_args(hint)
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise ParamsError(f"{key} = {value!r}: expected {len(items)} values")
+        return tuple(_check_type(v, t, f"{key}[{i}]") for i, (v, t) in
+                     enumerate(zip(value, items, strict=True)))
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -95,4 +146,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         return _build(Params, data, "")
     except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+    except ValueError as err:  # a section's own check (e.g. an unknown budget name)
         raise ParamsError(f"{path}: {err}") from None

@@ -1,4 +1,5 @@
-"""`dvc repro` of synth → prepare, as a user runs it from a fresh clone (real DVC, real git)."""
+"""`dvc repro` of synth → prepare → train → evaluate, as a user runs it from a fresh clone
+(real DVC, real git)."""
 
 import json
 import os
@@ -32,7 +33,13 @@ def checkout(dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["synth"] |= {"train": 6, "val": 3, "height": 64, "width": 128}
+    params["synth"] |= {"train": 8, "val": 3, "height": 64, "width": 128}
+    params["model"] = {"layers": 4, "base_channels": 4}
+    params["train"] = {"iterations": 6, "batch_size": 4, "crop": [64, 64],
+                       "warmup_iterations": 2}
+    params["run"] = params.get("run", {}) | {"checkpoint_every": 3, "log_every": 3}
+    params["evaluate"] = {"cost_resolution": [64, 128]}
+    params["tracking"] = {"uri": "none"}
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
@@ -48,10 +55,16 @@ def test_repro_is_reproducible_incremental_and_pushes_to_the_default_remote(tmp_
     a = checkout(tmp_path / "a")
     sh("dvc", "repro", cwd=a)
     first = manifest(a)
-    assert first["splits"]["train"]["count"] == 6 and first["splits"]["val"]["count"] == 3
+    assert first["splits"]["train"]["count"] == 8 and first["splits"]["val"]["count"] == 3
     shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=a))
     shown = shown[""]["data"]["metrics/data.json"]["data"]
-    assert shown["train"]["images"] == 6 and shown["content_hash"] == first["content_hash"]
+    assert shown["train"]["images"] == 8 and shown["content_hash"] == first["content_hash"]
+    evaluation = json.loads(sh("dvc", "metrics", "show", "--json", cwd=a))
+    evaluation = evaluation[""]["data"]["metrics/eval.json"]["data"]
+    assert 0 <= evaluation["miou"] <= 1 and evaluation["gflops_mean"] > 0
+    assert (a / "artifacts" / "runs" / "train" / "checkpoint_00000006" / "state.pt").is_file()
+    plots = sh("dvc", "plots", "show", "--json", cwd=a)
+    assert "per_class_iou.json" in plots and "gflops_per_image.json" in plots
 
     # a second run is incremental: nothing is redone
     stamp = (a / "data" / "prepared" / "manifest.json").stat().st_mtime_ns

@@ -187,3 +187,15 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A tiny prepared synthetic Cityscapes (16 train, 4 val images of 64x128)."""
+    from dynroute.pipelines.prepare import prepare
+    from dynroute.pipelines.synth import synthesize
+
+    root = tmp_path_factory.mktemp("prepared-data")
+    synthesize("cityscapes", root / "raw", train=16, val=4, height=64, width=128, seed=3)
+    prepare("cityscapes", root / "raw", root / "prepared", workers=1)
+    return root / "prepared"

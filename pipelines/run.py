@@ -1,0 +1,161 @@
+"""Stage handlers for training and evaluation: params.yaml → library calls → files.
+
+Thin on purpose: they resolve settings (tracking server, checkpoint folders), call
+`dynroute.platform.training.train` or `dynroute.platform.evaluation.evaluate`, and write outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from dynroute.pipelines.params import Params
+from dynroute.platform.ray_train import CHECKPOINT_PREFIX
+from dynroute.platform.training import SPEC_FILE, STATE_FILE, TrackingSpec, TrainSpec
+
+
+@contextmanager
+def tracking_uri(params: Params) -> Iterator[str | None]:
+    """The MLflow URI to use; with `tracking.uri: local`, a server on 127.0.0.1 for the block."""
+    uri = params.tracking.uri
+    if uri == "none":
+        yield None
+    elif uri == "local":
+        from dynroute.platform.tracking import MlflowServer
+
+        with MlflowServer(root=Path(params.tracking.dir)) as server:
+            yield server.uri
+    else:
+        yield uri
+
+
+def train_spec(params: Params, *, data: str, uri: str | None) -> TrainSpec:
+    run = params.run
+    return TrainSpec(
+        data=data, model={k: v for k, v in asdict(params.model).items() if k != "route"},
+        train=asdict(params.train), name=run.name, storage=run.storage, workers=run.workers,
+        use_gpu=run.use_gpu, loader_workers=run.loader_workers,
+        checkpoint_every=run.checkpoint_every, log_every=run.log_every,
+        max_failures=run.max_failures, bf16=run.bf16, channels_last=run.channels_last,
+        tracking=TrackingSpec(uri=uri, experiment=params.tracking.experiment,
+                              run_name=run.name))
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint folder: `path` itself, or the newest `checkpoint_*` inside a run folder."""
+    if (path / STATE_FILE).is_file():
+        return path
+    found = sorted(p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {path}: expected {STATE_FILE} there or in a "
+                                f"{CHECKPOINT_PREFIX}* folder; run `dynroute train` first")
+    return found[-1]
+
+
+def load_checkpoint(path: Path):
+    """(network in eval mode, its TrainSpec) from a checkpoint folder."""
+    import torch
+
+    from dynroute.models import build_network
+
+    folder = find_checkpoint(path)
+    spec = TrainSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()))
+    network = build_network(spec.network)
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    network.load_state_dict(state["model"])
+    return network.eval(), spec
+
+
+def most_frequent_route(result):
+    """The route most images took, as a drawable Route (or None when it is not connected:
+    a skipped cell passes its input on without an open path, which a Route cannot express)."""
+    from dynroute.models import Route, RouteError
+
+    counts = result.route_statistics.route_counts()
+    if not counts:
+        return None
+    paths, _ = counts.most_common(1)[0]
+    try:
+        return Route(result.route_statistics.route.layers, frozenset(paths),
+                     name="most-frequent")
+    except RouteError:
+        return None
+
+
+def run_evaluation(params: Params, *, checkpoint: Path, data: str, out: Path,
+                   metrics: Path | None, uri: str | None, plots: Path | None = None,
+                   save_predictions: bool = False):
+    """Evaluate a checkpoint on `params.evaluate.split`; write metrics, plots and tables."""
+    from dynroute.models.route_statistics import common_x
+    from dynroute.pipelines.progress import Progress
+    from dynroute.platform.dataset import ShardDataset
+    from dynroute.platform.evaluation import TTA, evaluate
+    from dynroute.platform.plots import plot_gate_probability, plot_route
+    from dynroute.platform.shards import read_manifest
+
+    network, spec = load_checkpoint(checkpoint)
+    manifest = read_manifest(data)
+    settings = params.evaluate
+    tta = (TTA(scales=settings.tta_scales or (1.0,), flip=settings.tta_flip)
+           if settings.tta_scales or settings.tta_flip else None)
+    dataset = ShardDataset(root=data, split=settings.split, train=False, crop=None)
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate(network, dataset, num_classes=manifest.num_classes,
+                      class_names=manifest.class_names,
+                      cost_resolution=settings.cost_resolution, tta=tta,
+                      predictions_dir=out / "predictions" if save_predictions else None,
+                      prediction_format=manifest.dataset if save_predictions else None,
+                      progress=Progress(f"evaluate {settings.split}"), warmup=1)
+    summary = result.to_dict()
+    _write_json(out / "metrics.json", summary)
+    if metrics is not None:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(metrics, summary)
+    result.write_per_image(out / "per_image.parquet")
+    tables = {
+        "per_class_iou.json": [{"class": name, "iou": iou if iou is not None else 0.0}
+                               for name, iou in summary["per_class_iou"].items()],
+        "gflops_per_image.json": [{"image": row.id, "gflops": row.gflops}
+                                  for row in result.per_image],
+    }
+    for folder in (out, plots):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, rows in tables.items():
+                _write_json(folder / name, rows)
+    figures = [plot_gate_probability(result.gate_probability, network.layers,
+                                   out / "gate_probability.png")]
+    route = most_frequent_route(result) or common_x(result.route_statistics, threshold=0.5,
+                                                    name="common-50")
+    figures.append(plot_route(route, out / "route.png", title=f"{route.name} route"))
+    route.save(out / "route.yaml")
+    if uri is not None:
+        _track_evaluation(uri, params, spec, manifest, summary, out, figures)
+    return result
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _track_evaluation(uri, params, spec, manifest, summary, out, plots) -> None:
+    from dynroute.platform.tracking import Tracker, flatten, git_commit
+
+    tracker = Tracker(uri=uri, experiment=params.tracking.experiment, enabled=True)
+    tags = {"git_commit": git_commit() or "unknown", "data_hash": manifest.content_hash,
+            "stage": "evaluate", "trained_by": spec.name}
+    with tracker.run(run_name=f"evaluate-{spec.name}", tags=tags):
+        tracker.log_params(flatten({"evaluate": asdict(params.evaluate),
+                                    "checkpoint_of": spec.name}))
+        numbers = {k: v for k, v in summary.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        tracker.log_metrics(numbers, step=0)
+        for path in [*plots, out / "per_image.parquet", out / "per_class_iou.json",
+                     out / "route.yaml"]:
+            tracker.log_artifact(path)
+        tracker.flush()

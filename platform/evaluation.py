@@ -1,0 +1,382 @@
+"""Evaluation of a segmentation network over a split: accuracy, real cost, latency and routes.
+
+Accuracy follows the Cityscapes benchmark scripts (`evalPixelLevelSemanticLabeling`): one
+confusion matrix over all pixels of the split whose ground truth is not ignored, IoU_c =
+TP / (TP + FP + FN), NaN for a class absent from both the ground truth and the prediction (on
+non-ignored pixels), mIoU = mean over the non-NaN classes. Cost is the analytic *real* FLOPs of
+the route each image took, at a declared resolution (model.md §7), not at the tensor's size.
+
+Predictions (optional) are written so that the official tools read them unchanged:
+- "cityscapes": `{id}_pred.png`, an 8-bit PNG of Cityscapes *label ids* (train id → label id by
+  the official table). The official matcher (`getPrediction`) looks for exactly one file matching
+  `{city}_{seq}_{frame}*.png` under the results root, and its command-line mode sorts files whose
+  path contains "pred" into the prediction list, so `{id}_pred.png` satisfies both; keep no other
+  PNG with that prefix in the folder.
+- "voc": `{id}.png`, a palette PNG of class indices with the VOC colormap (the devkit's layout).
+
+Test-time augmentation averages the *logits* of every scale × flip pass, each resized back to
+the image size. Its cost is the sum over passes, pass s costed at round(H·s) × round(W·s) of the
+declared resolution; its latency is that of all passes together.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
+from PIL import Image
+
+from dynroute.models import DynamicRoutingNetwork
+from dynroute.models.route_statistics import RouteStatistics
+from dynroute.models.routing_space import NodeId
+from dynroute.models.routing_space import Path as RoutePath
+from dynroute.platform import metrics
+
+IGNORE_INDEX = 255
+PredictionFormat = Literal["cityscapes", "voc"]
+PER_IMAGE_COLUMNS = ("id", "gflops", "latency_ms", "pixel_accuracy")
+
+
+# -- confusion matrix -------------------------------------------------------------------------
+class ConfusionMatrix:
+    """Pixel counts `matrix[target, prediction]` (int64), summable across ranks (all-reduce it).
+
+    Args:
+        num_classes: K; valid labels are 0..K-1.
+        ignore_index: ground-truth value whose pixels are left out entirely.
+    """
+
+    def __init__(self, num_classes: int, *, ignore_index: int = IGNORE_INDEX) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes={num_classes}: need at least one class")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # (K, K)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Count pixels of `pred` against `target` (same shape, integer class indices)."""
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
+                             f"differ in shape")
+        k = self.num_classes
+        valid = target != self.ignore_index
+        index = target[valid].long() * k + pred[valid].long()
+        counts = torch.bincount(index, minlength=k * k)
+        if counts.numel() > k * k:  # bincount grew: a value ≥ K slipped in
+            raise ValueError(f"labels or predictions outside 0..{k - 1} (ignore "
+                             f"{self.ignore_index}); check num_classes and the label mapping")
+        self.matrix = self.matrix.to(counts.device)  # follow the data (NCCL needs it on GPU)
+        self.matrix += counts.view(k, k)
+
+    def merge(self, other: ConfusionMatrix) -> None:
+        """Add the counts of `other` (e.g. another worker's)."""
+        if other.num_classes != self.num_classes:
+            raise ValueError(f"cannot merge a {other.num_classes}-class matrix into a "
+                             f"{self.num_classes}-class one")
+        self.matrix += other.matrix.to(self.matrix.device)
+
+    def iou(self) -> np.ndarray:
+        """(K,) float64 IoU per class; NaN where the class is in neither GT nor prediction."""
+        m = self.matrix.cpu().numpy().astype(np.float64)
+        tp = np.diag(m)
+        denom = m.sum(axis=0) + m.sum(axis=1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denom > 0, tp / denom, np.nan)
+
+    @property
+    def miou(self) -> float:
+        iou = self.iou()
+        return float(np.nanmean(iou)) if not np.isnan(iou).all() else math.nan
+
+    @property
+    def pixel_accuracy(self) -> float:
+        total = int(self.matrix.sum())
+        return int(self.matrix.diagonal().sum()) / total if total else math.nan
+
+
+# -- test-time augmentation -------------------------------------------------------------------
+@dataclass(frozen=True)
+class TTA:
+    """Multi-scale (bilinear) and optional horizontal-flip test-time augmentation."""
+
+    scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75)
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"TTA scales must be positive factors, got {self.scales}")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass of an inference: its scale, whether flipped, and the gates it took."""
+
+    scale: float
+    flip: bool
+    gates: dict[NodeId, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Inference:
+    """The logits of one image and the forward passes that made them."""
+
+    logits: torch.Tensor  # (1, K, H, W), averaged over the passes
+    passes: tuple[Pass, ...]
+
+
+def scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """round(H·s) × round(W·s), at least 1 pixel a side."""
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def infer(network: DynamicRoutingNetwork, image: torch.Tensor, *, tta: TTA | None = None
+          ) -> Inference:
+    """Logits of one image (1, 3, H, W), plain or averaged over the TTA passes."""
+    size = (image.shape[-2], image.shape[-1])
+    plan = [(1.0, False)] if tta is None else [
+        (s, f) for s in tta.scales for f in ((False, True) if tta.flip else (False,))]
+    total: torch.Tensor | None = None
+    passes = []
+    for scale, flip in plan:
+        x = image if scale == 1.0 else F.interpolate(
+            image, size=scaled(size, scale), mode="bilinear", align_corners=False)
+        x = x.flip(-1) if flip else x
+        out = network(x)
+        logits = out.logits.flip(-1) if flip else out.logits  # (1, K, h, w)
+        if logits.shape[-2:] != image.shape[-2:]:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        total = logits if total is None else total + logits
+        passes.append(Pass(scale=scale, flip=flip, gates=out.gates))
+    assert total is not None
+    return Inference(logits=total / len(plan), passes=tuple(passes))
+
+
+# -- results ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Distribution:
+    """Summary of a per-image quantity over the split."""
+
+    mean: float
+    min: float
+    max: float
+    p50: float
+    p90: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Distribution:
+        v = np.asarray(values, dtype=np.float64)
+        return cls(mean=float(v.mean()), min=float(v.min()), max=float(v.max()),
+                   p50=float(np.percentile(v, 50)), p90=float(np.percentile(v, 90)))
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: str
+    gflops: float
+    latency_ms: float
+    pixel_accuracy: float  # NaN for an image whose pixels are all ignored
+
+
+@dataclass
+class EvaluationResult:
+    """What `evaluate` measured. `gate_probability`: path → fraction of forward passes (one per
+    image without TTA) in which it was open."""
+
+    miou: float
+    pixel_accuracy: float
+    per_class_iou: dict[str, float | None]
+    images: int
+    gflops: Distribution
+    latency_ms: Distribution
+    cost_resolution: tuple[int, int]
+    gate_probability: dict[RoutePath, float]
+    route_statistics: RouteStatistics
+    per_image: list[ImageRow] = field(default_factory=list)
+    confusion: ConfusionMatrix | None = None
+    tta: TTA | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-safe, flat where possible; keys from `dynroute.platform.metrics`."""
+        flat = {metrics.MIOU: _finite(self.miou),
+                metrics.PIXEL_ACCURACY: _finite(self.pixel_accuracy), "images": self.images}
+        for name, dist in (("gflops", self.gflops), (metrics.LATENCY_MS, self.latency_ms)):
+            flat |= {f"{name}_{stat}": _finite(value) for stat, value in asdict(dist).items()}
+        return flat | {
+            "cost_height": self.cost_resolution[0], "cost_width": self.cost_resolution[1],
+            "tta": None if self.tta is None else {"scales": list(self.tta.scales),
+                                                  "flip": self.tta.flip},
+            "per_class_iou": dict(self.per_class_iou),
+            "gate_probability": {str(p): f for p, f in sorted(self.gate_probability.items())},
+        }
+
+    def write_per_image(self, path: Path) -> Path:
+        """One Parquet row per image: id, gflops, latency_ms, pixel_accuracy (atomic)."""
+        table = pa.table({
+            "id": pa.array([r.id for r in self.per_image], pa.string()),
+            **{c: pa.array([getattr(r, c) for r in self.per_image], pa.float64())
+               for c in PER_IMAGE_COLUMNS[1:]},
+        })
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+        return path
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+# -- predictions ------------------------------------------------------------------------------
+def cityscapes_label_ids() -> np.ndarray:
+    """(256,) uint8: train id → Cityscapes label id (the official table); 0 elsewhere."""
+    table = np.zeros(256, dtype=np.uint8)
+    for label in _CITYSCAPES_LABELS:
+        if 0 <= label.trainId < IGNORE_INDEX and not label.ignoreInEval:
+            table[label.trainId] = label.id
+    return table
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colormap, flat [r, g, b] × 256 (bits of the index spread over r, g, b)."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for bit in range(8):
+            r |= (c & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def _write_prediction(pred: np.ndarray, sample_id: str, out: Path, fmt: PredictionFormat,
+                      lookup: np.ndarray | None) -> None:
+    if "/" in sample_id or "\\" in sample_id or sample_id.startswith("."):
+        raise ValueError(f"sample id {sample_id!r} cannot name a prediction file")
+    if fmt == "cityscapes":
+        assert lookup is not None
+        image, name = Image.fromarray(lookup[pred]), f"{sample_id}_pred.png"
+    else:
+        image, name = Image.fromarray(pred), f"{sample_id}.png"
+        image.putpalette(voc_palette())
+    tmp = out / f".{name}.tmp"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, out / name)
+
+
+# -- evaluation -------------------------------------------------------------------------------
+def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_classes: int,
+             class_names: Sequence[str], cost_resolution: tuple[int, int],
+             device: str | torch.device = "cpu", tta: TTA | None = None,
+             predictions_dir: Path | None = None,
+             prediction_format: PredictionFormat | None = None,
+             progress: Callable[[int, int], None] | None = None, limit: int | None = None,
+             warmup: int = 0) -> EvaluationResult:
+    """Evaluate `network` on every sample of `dataset`, one image at a time, hard routing.
+
+    Args:
+        network: a routing network (eval mode is set here and the previous mode restored).
+        dataset: yields {"image": (3, H, W) BGR − mean, "label": (H, W) train ids, "id": str},
+            e.g. `ShardDataset(train=False)` or a DataLoader over it with batch_size=None.
+        num_classes, class_names: K and the K names used for `per_class_iou`.
+        cost_resolution: (H, W) at which real FLOPs are declared (1024×2048 Cityscapes, 512×512
+            VOC), whatever the image size.
+        device: where the network runs; the confusion matrix is counted there too.
+        tta: test-time augmentation, None for single scale without flip.
+        predictions_dir: write the argmax prediction of every image here (see the module doc).
+        prediction_format: "cityscapes" (label-id PNGs, needs K = 19) or "voc" (palette PNGs).
+        progress: called as (done, total) after each image; total is -1 if unknown.
+        limit: stop after this many images.
+        warmup: untimed forwards on the first image (CUDA context, cuDNN autotuning).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit}: evaluate at least one image, or pass None for all")
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}")
+    if (predictions_dir is None) != (prediction_format is None):
+        raise ValueError("give predictions_dir and prediction_format together")
+    lookup = None
+    if prediction_format == "cityscapes":
+        if num_classes != 19:
+            raise ValueError(f"Cityscapes predictions need the 19 train ids, got {num_classes}")
+        lookup = cityscapes_label_ids()
+    elif prediction_format not in (None, "voc"):
+        raise ValueError(f"prediction_format={prediction_format!r}: use 'cityscapes' or 'voc'")
+    if predictions_dir is not None:
+        predictions_dir = Path(predictions_dir)
+        predictions_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    total = -1 if not hasattr(dataset, "__len__") else len(dataset)  # type: ignore[arg-type]
+    if limit is not None:
+        total = limit if total < 0 else min(total, limit)
+
+    def sync() -> None:  # CUDA runs asynchronously: time only finished work
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    confusion = ConfusionMatrix(num_classes)
+    stats = RouteStatistics(network.route, threshold=network.closed_threshold)
+    rows: list[ImageRow] = []
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.inference_mode():
+            for sample in dataset:
+                image = sample["image"].to(device, non_blocking=True).unsqueeze(0)  # (1,3,H,W)
+                label = sample["label"].to(device, non_blocking=True)  # (H, W)
+                if not rows:
+                    for _ in range(warmup):
+                        infer(network, image, tta=tta)
+                sync()
+                start = time.perf_counter()
+                result = infer(network, image, tta=tta)
+                sync()
+                latency = (time.perf_counter() - start) * 1e3
+                pred = result.logits.argmax(dim=1)[0]  # (H, W)
+                confusion.update(pred, label)
+                gflops = 0.0
+                for p in result.passes:
+                    stats.update(p.gates)
+                    cost = network.cost_model(*scaled(cost_resolution, p.scale))
+                    gflops += float(cost.real(p.gates)[0]) / 1e9
+                valid = label != IGNORE_INDEX
+                n_valid = int(valid.sum())
+                accuracy = (int(((pred == label) & valid).sum()) / n_valid if n_valid
+                            else math.nan)
+                rows.append(ImageRow(id=str(sample["id"]), gflops=gflops, latency_ms=latency,
+                                     pixel_accuracy=accuracy))
+                if predictions_dir is not None and prediction_format is not None:
+                    _write_prediction(pred.to(torch.uint8).cpu().numpy(), str(sample["id"]),
+                                      predictions_dir, prediction_format, lookup)
+                if progress is not None:
+                    progress(len(rows), total)
+                if limit is not None and len(rows) >= limit:
+                    break
+    finally:
+        network.train(was_training)
+    if not rows:
+        raise ValueError("the dataset yielded no samples to evaluate")
+    iou = confusion.iou()
+    return EvaluationResult(
+        miou=confusion.miou, pixel_accuracy=confusion.pixel_accuracy,
+        per_class_iou={name: _finite(v) for name, v in zip(class_names, iou, strict=True)},
+        images=len(rows), gflops=Distribution.of([r.gflops for r in rows]),
+        latency_ms=Distribution.of([r.latency_ms for r in rows]),
+        cost_resolution=(int(cost_resolution[0]), int(cost_resolution[1])),
+        gate_probability=stats.path_frequency(), route_statistics=stats, per_image=rows,
+        confusion=confusion, tta=tta)
+

@@ -1,0 +1,257 @@
+"""The only module that talks to Ray Train (V2 API, Ray 2.60); everything else calls these.
+
+Driver side: `fit` runs a per-worker function with `TorchTrainer` (gloo on CPU, NCCL on GPU),
+persistent checkpoints in a storage path (local or `s3://`) and `FailureConfig` restarts: after a
+worker dies, the function runs again and `latest_checkpoint` hands it the last checkpoint.
+`num_workers=0` runs the function in this process (Ray's local mode, no cluster needed); there Ray
+does not persist checkpoints, so this module writes them under the storage path itself.
+
+Worker side: `worker()` (rank, world size, device), `prepare_model`, `report`,
+`latest_checkpoint`, `all_reduce_mean`.
+
+Networking: a local cluster started here binds to 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+as platform.md prescribes for these machines); RAY_ADDRESS connects to an existing cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_PREFIX = "checkpoint_"
+_LOCAL_RUN_DIR = "DYNROUTE_LOCAL_RUN_DIR"  # where local mode keeps its checkpoints
+
+
+@dataclass(frozen=True)
+class Worker:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class FitResult:
+    metrics: dict
+    checkpoint: str | None  # path or URI of the last checkpoint
+    path: str | None  # the run's folder in storage
+
+
+def init_ray(*, num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS or start a local single-node Ray on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def fit(train_fn: Callable[[dict], None], *, config: dict, name: str, storage: str,
+        num_workers: int, use_gpu: bool = False, cpus_per_worker: float = 1.0,
+        max_failures: int = 2, keep_checkpoints: int = 2) -> FitResult:
+    """Run `train_fn(config)` on `num_workers` Ray Train workers (0: in this process)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if num_workers == 0:
+        return _fit_local(train_fn, config=config, name=name, storage=storage)
+    init_ray()
+    storage_path = storage if "://" in storage else os.path.abspath(storage)
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return FitResult(metrics=dict(result.metrics or {}), checkpoint=checkpoint, path=result.path)
+
+
+def _fit_local(train_fn: Callable[[dict], None], *, config: dict, name: str,
+               storage: str) -> FitResult:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if "://" in storage:
+        raise ValueError(f"train.workers = 0 runs in this process and keeps checkpoints on the "
+                         f"local disk; {storage} is remote: use workers >= 1 for it")
+    run_dir = Path(storage).absolute() / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get(_LOCAL_RUN_DIR)
+    os.environ[_LOCAL_RUN_DIR] = str(run_dir)
+    try:
+        trainer = TorchTrainer(train_fn, train_loop_config=config,
+                               scaling_config=ScalingConfig(num_workers=0),
+                               run_config=RunConfig(name=name))
+        result = trainer.fit()
+    finally:
+        if previous is None:
+            os.environ.pop(_LOCAL_RUN_DIR, None)
+        else:
+            os.environ[_LOCAL_RUN_DIR] = previous
+    last = _local_checkpoints(run_dir)
+    return FitResult(metrics=dict(result.metrics or {}),
+                     checkpoint=str(last[-1]) if last else None, path=str(run_dir))
+
+
+def _local_checkpoints(run_dir: Path) -> list[Path]:
+    found = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()
+             and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    return sorted(found)
+
+
+# -- worker side ------------------------------------------------------------------------------
+def worker() -> Worker:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world, local = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    if torch.cuda.is_available() and world > 0 and _uses_gpu():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Worker(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def _uses_gpu() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip())
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def prepare_model(model: torch.nn.Module, *, device: torch.device) -> torch.nn.Module:
+    """Move to `device`; with several workers convert BN to SyncBatchNorm (GPU only: torch has
+    no CPU kernel for it) and wrap in DDP."""
+    model = model.to(device)
+    if not is_distributed():
+        return model
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    # Training runs every path (Eq. 4), so every parameter gets a gradient each step.
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over workers (identity when alone), so every worker reports the same numbers."""
+    if not is_distributed():
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
+
+
+def latest_checkpoint(run_dir: str, *, required: str) -> Path | None:
+    """The folder of the newest complete checkpoint to resume from, or None for a fresh start.
+
+    Ray hands back the newest checkpoint its controller registered; a worker that died right
+    after persisting a newer one leaves that one on storage unregistered. Both are considered, so
+    a restart goes back at most one checkpoint interval. A checkpoint counts as complete when
+    its `required` file loads. The result is a private local copy.
+    """
+    import ray.train
+
+    local_dir = os.environ.get(_LOCAL_RUN_DIR)
+    if local_dir:
+        found = _local_checkpoints(Path(local_dir))
+        return found[-1] if found else None
+    candidates: list[tuple[int, object]] = []
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        candidates.append((_step_of(registered.path), registered))
+    candidates += _persisted(run_dir)
+    for _, checkpoint in sorted(candidates, key=lambda c: c[0], reverse=True):
+        target = Path(tempfile.mkdtemp(prefix="dynroute-resume-"))
+        try:
+            with checkpoint.as_directory() as folder:  # may be a temporary download
+                shutil.copytree(folder, target, dirs_exist_ok=True)
+            torch.load(target / required, map_location="cpu", weights_only=False)
+            return target
+        except Exception:
+            shutil.rmtree(target, ignore_errors=True)
+    return None
+
+
+def _step_of(path: str) -> int:
+    match = re.search(rf"{CHECKPOINT_PREFIX}(\d+)$", path.rstrip("/"))
+    return int(match.group(1)) if match else -1
+
+
+def _persisted(run_dir: str) -> list[tuple[int, object]]:
+    """Checkpoint folders under the run's storage folder (local path or URI)."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from dynroute.platform.shards import filesystem_for
+
+    fs, base = filesystem_for(run_dir)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return []
+    found = []
+    for info in infos:
+        name = info.base_name
+        if info.type == pafs.FileType.Directory and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+",
+                                                                 name):
+            found.append((_step_of(name), Checkpoint(info.path, filesystem=fs)))
+    return found
+
+
+@contextmanager
+def checkpoint_dir(step: int) -> Iterator[Path]:
+    """A folder to write the checkpoint of `step` into, to hand to `report` inside the block."""
+    local_dir = os.environ.get(_LOCAL_RUN_DIR)
+    if local_dir:
+        final = Path(local_dir) / f"{CHECKPOINT_PREFIX}{step:08d}"
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # complete or absent, never half-written
+        for old in _local_checkpoints(Path(local_dir))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="dynroute-ckpt-") as folder:
+        yield Path(folder)
+
+
+def report(metrics: dict, *, checkpoint: Path | None = None, step: int) -> None:
+    """Report metrics (every worker, same number of times) and optionally a checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if os.environ.get(_LOCAL_RUN_DIR):
+        final = Path(os.environ[_LOCAL_RUN_DIR]) / f"{CHECKPOINT_PREFIX}{step:08d}"
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(final))
+                         if checkpoint is not None else None)
+        return
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint))
+                     if checkpoint is not None else None,
+                     checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")

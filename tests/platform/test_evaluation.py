@@ -1,0 +1,340 @@
+"""Evaluation: the confusion matrix by hand, agreement with the Cityscapes benchmark scripts, real
+GFLOPs from the routes taken, gate probabilities, TTA, and the files written."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from dynroute.models import NetworkConfig, RoutingOutput, build_network
+from dynroute.models.gate import pin_gate
+from dynroute.models.route_statistics import common_x
+from dynroute.models.routing_space import Path as RoutePath
+from dynroute.pipelines.labels import CITYSCAPES_CLASSES, VOC_CLASSES
+from dynroute.pipelines.prepare import prepare
+from dynroute.pipelines.synth import synthesize
+from dynroute.platform.dataset import ShardDataset
+from dynroute.platform.evaluation import (
+    PER_IMAGE_COLUMNS,
+    TTA,
+    ConfusionMatrix,
+    evaluate,
+    infer,
+    voc_palette,
+)
+
+COST = (1024, 2048)
+K = len(CITYSCAPES_CLASSES)
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cityscapes(tmp_path_factory) -> Path:
+    """A tiny synthetic Cityscapes tree (raw/) and its shards (prepared/), made once."""
+    root = tmp_path_factory.mktemp("cityscapes")
+    synthesize("cityscapes", root / "raw", train=2, val=4, height=64, width=128, seed=1)
+    prepare("cityscapes", root / "raw", root / "prepared", workers=1)
+    return root
+
+
+def val_set(root: Path) -> ShardDataset:
+    return ShardDataset(root=str(root / "prepared"), split="val", train=False, crop=None)
+
+
+def tiny_network(seed: int = 0, num_classes: int = K):
+    torch.manual_seed(seed)
+    return build_network(NetworkConfig(layers=4, base_channels=4, num_classes=num_classes))
+
+
+def pin_all(network, closed: dict | None = None) -> None:
+    """Pin every soft gate open, except the paths listed per node in `closed`."""
+    closed = closed or {}
+    for node in network.route.cells:
+        paths = network.route.paths_of(node)
+        pin_gate(network.node(node).gate, [p not in closed.get(node, ()) for p in paths])
+
+
+def run(network, root: Path, **kwargs):
+    return evaluate(network, val_set(root), num_classes=K, class_names=CITYSCAPES_CLASSES,
+                    cost_resolution=COST, **kwargs)
+
+
+def _key(image: torch.Tensor) -> str:
+    return hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest()
+
+
+class Wrapped(nn.Module):
+    """The tiny network's routing (gates, cost) with logits made by `make_logits(image)`."""
+
+    def __init__(self, network, make_logits) -> None:
+        super().__init__()
+        self.network = network
+        self.make_logits = make_logits
+        self.route = network.route
+        self.closed_threshold = network.closed_threshold
+
+    def cost_model(self, height: int, width: int):
+        return self.network.cost_model(height, width)
+
+    def forward(self, images: torch.Tensor) -> RoutingOutput:
+        gates = self.network(images).gates
+        return RoutingOutput(logits=self.make_logits(images), gates=gates)
+
+
+def oracle(network, root: Path) -> Wrapped:
+    """Logits = one-hot of the ground truth with every 5th pixel shifted to the next class and
+    the road of the left half called sidewalk, so IoUs lie strictly between 0 and 1."""
+    labels = {_key(s["image"]): s["label"] for s in val_set(root)}
+
+    def make_logits(images: torch.Tensor) -> torch.Tensor:
+        label = labels[_key(images[0])]
+        pred = label.clone()
+        pred[label == 255] = 3  # ignored by both evaluations
+        flat = pred.view(-1)
+        flat[::5] = (flat[::5] + 1) % K
+        half = pred[:, : pred.shape[1] // 2]
+        half[half == CITYSCAPES_CLASSES.index("road")] = CITYSCAPES_CLASSES.index("sidewalk")
+        return F.one_hot(pred, K).permute(2, 0, 1)[None].float()  # (1, K, H, W)
+
+    return Wrapped(network, make_logits)
+
+
+# -- the confusion matrix ---------------------------------------------------------------------
+def test_confusion_matrix_by_hand() -> None:
+    cm = ConfusionMatrix(5)
+    target = torch.tensor([[0, 0, 1, 1], [2, 255, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [3, 4, 0, 2]])  # predictions on ignore pixels never count
+    cm.update(pred, target)
+    assert cm.matrix.dtype == torch.int64
+    expected = torch.zeros(5, 5, dtype=torch.int64)
+    expected[0, 0] = expected[0, 1] = expected[2, 3] = 1
+    expected[1, 1] = 2
+    assert torch.equal(cm.matrix, expected)
+    iou = cm.iou()
+    # class 0: 1 / (2 + 1 - 1); class 1: 2 / (2 + 3 - 2); class 2 in GT only, class 3 in the
+    # prediction only: 0; class 4 in neither (its prediction fell on an ignore pixel): NaN.
+    np.testing.assert_allclose(iou[:4], [0.5, 2 / 3, 0.0, 0.0])
+    assert math.isnan(iou[4])
+    assert cm.miou == pytest.approx((0.5 + 2 / 3) / 4)
+    assert cm.pixel_accuracy == pytest.approx(3 / 5)
+
+
+def test_confusion_matrix_merge_equals_both_updates() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a_pred, b_pred = (torch.randint(0, 6, (3, 17, 9), generator=gen) for _ in range(2))
+    a_tgt, b_tgt = (torch.randint(0, 7, (3, 17, 9), generator=gen) for _ in range(2))
+    a_tgt[a_tgt == 6] = 255
+    b_tgt[b_tgt == 6] = 255
+    a, b, both = ConfusionMatrix(6), ConfusionMatrix(6), ConfusionMatrix(6)
+    a.update(a_pred, a_tgt)
+    b.update(b_pred, b_tgt)
+    both.update(a_pred, a_tgt)
+    both.update(b_pred.flatten(), b_tgt.flatten())
+    a.merge(b)
+    assert torch.equal(a.matrix, both.matrix)
+    assert int(a.matrix.sum()) == int((a_tgt != 255).sum() + (b_tgt != 255).sum())
+
+
+def test_confusion_matrix_rejects_out_of_range_values() -> None:
+    cm = ConfusionMatrix(3)
+    with pytest.raises(ValueError, match=r"outside 0\.\.2"):
+        cm.update(torch.tensor([0, 1]), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="shape"):
+        cm.update(torch.tensor([0, 1]), torch.tensor([0]))
+
+
+# -- agreement with the Cityscapes benchmark scripts ------------------------------------------
+def cityscapes_scripts(raw: Path, predictions: Path, monkeypatch) -> dict:
+    """Run `evalPixelLevelSemanticLabeling` on our prediction files, as its users would."""
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs
+
+    monkeypatch.setenv("CITYSCAPES_DATASET", str(raw))
+    monkeypatch.setenv("CITYSCAPES_RESULTS", str(predictions))  # where getPrediction looks
+    args = copy.copy(cs.args)  # its module-level settings, not shared with other tests
+    args.predictionPath = None
+    args.predictionWalk = None
+    args.evalInstLevelScore = False  # the synthetic tree has no *_instanceIds.png
+    args.JSONOutput = False
+    args.quiet = True
+    gts = sorted(str(p) for p in (raw / "gtFine" / "val").glob("*/*_gtFine_labelIds.png"))
+    assert len(gts) == 4
+    # The official matcher finds exactly one prediction per ground truth, or exits.
+    preds = [cs.getPrediction(args, gt) for gt in gts]
+    assert [Path(p).name for p in preds] == [
+        Path(gt).name.replace("_gtFine_labelIds.png", "_pred.png") for gt in gts]
+    return cs.evaluateImgLists(preds, gts, args)
+
+
+@pytest.mark.parametrize("kind", ["untrained", "oracle"])
+def test_miou_agrees_with_cityscapes_scripts(kind, cityscapes, tmp_path, monkeypatch) -> None:
+    network = tiny_network() if kind == "untrained" else oracle(tiny_network(), cityscapes)
+    ours = run(network, cityscapes, predictions_dir=tmp_path / "pred",
+               prediction_format="cityscapes")
+    theirs = cityscapes_scripts(cityscapes / "raw", tmp_path / "pred", monkeypatch)
+    assert ours.miou == pytest.approx(theirs["averageScoreClasses"], abs=1e-6)
+    for name in CITYSCAPES_CLASSES:
+        score = theirs["classScores"][name]
+        if math.isnan(score):
+            assert ours.per_class_iou[name] is None, name
+        else:
+            assert ours.per_class_iou[name] == pytest.approx(score, abs=1e-6), name
+    present = [v for v in ours.per_class_iou.values() if v is not None]
+    if kind == "oracle":  # the comparison means something: IoUs neither 0 nor 1
+        assert 0.3 < ours.miou < 1.0
+        assert sum(0.0 < v < 1.0 for v in present) >= 3
+
+
+# -- cost and routes --------------------------------------------------------------------------
+def test_gflops_are_the_real_cost_of_the_routes_taken(cityscapes) -> None:
+    network = tiny_network()
+    result = run(network, cityscapes)
+    sample = next(iter(val_set(cityscapes)))
+    with torch.inference_mode():
+        gates = network.eval()(sample["image"][None]).gates
+    direct = float(network.cost_model(*COST).real(gates)[0]) / 1e9
+    row = next(r for r in result.per_image if r.id == sample["id"])
+    assert row.gflops == pytest.approx(direct, rel=1e-12)
+    values = [r.gflops for r in result.per_image]
+    assert result.gflops.mean == pytest.approx(np.mean(values))
+    assert (result.gflops.min, result.gflops.max) == (min(values), max(values))
+    # Declared resolution, not the 64×128 tensor: the stem alone costs more than that image.
+    assert result.gflops.min * 1e9 > network.cost_model(64, 128).all_open_real()
+
+
+def test_all_gates_open_costs_all_open_real(cityscapes) -> None:
+    network = tiny_network()
+    pin_all(network)
+    result = run(network, cityscapes)
+    expected = network.cost_model(*COST).all_open_real() / 1e9
+    assert [r.gflops for r in result.per_image] == pytest.approx([expected] * 4, rel=1e-12)
+    assert result.gflops.p90 == pytest.approx(expected)
+
+
+def test_gate_probability_follows_pinned_gates(cityscapes) -> None:
+    network = tiny_network()
+    down = RoutePath(-1, 0, "down")
+    pin_all(network, closed={(-1, 0): [down], (1, 0): [RoutePath(1, 0, "keep")]})
+    result = run(network, cityscapes)
+    prob = result.gate_probability
+    assert result.route_statistics.samples == 4
+    assert prob[down] == 0.0
+    assert prob[RoutePath(-1, 0, "keep")] == 1.0
+    assert prob[RoutePath(1, 0, "keep")] == 0.0
+    assert prob[RoutePath(1, 0, "down")] == 1.0
+    # Cell (0, 1) is fed only by the init cell's down path: never reached, never open.
+    assert all(prob[p] == 0.0 for p in network.route.paths_of((0, 1)))
+    assert all(prob[p] == 1.0 for p in network.route.paths_of((0, 0)))
+    assert set(prob) == set(network.route.paths)
+    common = common_x(result.route_statistics)
+    assert down not in common.paths and RoutePath(0, 0, "down") in common.paths
+
+
+# -- test-time augmentation -------------------------------------------------------------------
+def test_tta_single_scale_without_flip_is_plain_evaluation(cityscapes) -> None:
+    network = tiny_network()
+    image = next(iter(val_set(cityscapes)))["image"][None]
+    with torch.inference_mode():
+        plain = network.eval()(image).logits
+        one = infer(network, image, tta=TTA(scales=(1.0,), flip=False))
+    assert torch.equal(one.logits, plain)
+    a, b = run(network, cityscapes), run(network, cityscapes, tta=TTA(scales=(1.0,), flip=False))
+    assert a.miou == b.miou and a.per_class_iou == b.per_class_iou
+    assert [r.gflops for r in a.per_image] == [r.gflops for r in b.per_image]
+
+
+def test_tta_flip_and_scales(cityscapes) -> None:
+    network = tiny_network()
+    pin_all(network)
+    image = next(iter(val_set(cityscapes)))["image"][None]
+    with torch.inference_mode():
+        plain = network.eval()(image).logits
+        flipped = infer(network, image, tta=TTA(scales=(1.0,), flip=True))
+    assert len(flipped.passes) == 2 and flipped.logits.shape == plain.shape
+    assert not torch.allclose(flipped.logits, plain)
+    full = network.cost_model(*COST).all_open_real() / 1e9
+    result = run(network, cityscapes, tta=TTA(scales=(1.0,), flip=True))
+    assert [r.gflops for r in result.per_image] == pytest.approx([2 * full] * 4)
+    assert result.route_statistics.samples == 8  # one per forward pass
+    half = network.cost_model(512, 1024).all_open_real() / 1e9
+    result = run(network, cityscapes, tta=TTA(scales=(0.5, 1.0), flip=False))
+    assert result.gflops.mean == pytest.approx(half + full)
+
+
+def test_tta_undoes_the_flip() -> None:
+    """With a per-pixel (flip-equivariant) network, flip TTA must give the plain logits back."""
+    network = tiny_network()
+    pixelwise = Wrapped(network, lambda x: torch.cat([x * (c + 1) for c in range(3)], dim=1))
+    image = torch.randn(1, 3, 40, 56)
+    with torch.inference_mode():
+        plain = pixelwise.eval()(image).logits
+        tta = infer(pixelwise, image, tta=TTA(scales=(1.0,), flip=True))
+    torch.testing.assert_close(tta.logits, plain)
+
+
+# -- outputs ----------------------------------------------------------------------------------
+def test_per_image_parquet_and_json(cityscapes, tmp_path) -> None:
+    network = tiny_network()
+    network.train()
+    calls = []
+    result = run(network, cityscapes, progress=lambda done, total: calls.append((done, total)))
+    assert network.training  # the mode it came in with
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    table = pq.read_table(result.write_per_image(tmp_path / "per_image.parquet"))
+    assert table.column_names == list(PER_IMAGE_COLUMNS)
+    assert table.num_rows == result.images == 4
+    assert table.column("id").to_pylist() == [s["id"] for s in val_set(cityscapes)]
+    assert all(v > 0 for v in table.column("latency_ms").to_pylist())
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    for key in ("miou", "pixel_accuracy", "gflops_mean", "gflops_max", "gflops_min", "gflops_p50",
+                "gflops_p90", "latency_ms_mean", "latency_ms_p50", "latency_ms_p90"):
+        assert isinstance(data[key], float), key
+    assert set(data["per_class_iou"]) == set(CITYSCAPES_CLASSES)
+    assert data["gate_probability"]["-1:0:keep"] == result.gate_probability[RoutePath(-1, 0,
+                                                                                      "keep")]
+    assert run(network, cityscapes, limit=2).images == 2
+
+
+def test_voc_predictions_are_palette_pngs(tmp_path) -> None:
+    raw, prepared = tmp_path / "raw", tmp_path / "prepared"
+    synthesize("voc", raw, train=2, val=3, height=64, width=64, seed=1, sbd_train=1, sbd_val=1)
+    prepare("voc", raw, prepared, workers=1)
+    dataset = ShardDataset(root=str(prepared), split="val", train=False, crop=None)
+    network = tiny_network(num_classes=len(VOC_CLASSES))
+    result = evaluate(network, dataset, num_classes=len(VOC_CLASSES), class_names=VOC_CLASSES,
+                      cost_resolution=(512, 512), predictions_dir=tmp_path / "pred",
+                      prediction_format="voc")
+    accuracy = {r.id: r.pixel_accuracy for r in result.per_image}
+    assert len(accuracy) == 3
+    for sample in dataset:
+        png = Image.open(tmp_path / "pred" / f"{sample['id']}.png")
+        assert png.mode == "P"
+        assert png.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0] == voc_palette()[:9]
+        pred = np.asarray(png)
+        label = sample["label"].numpy()
+        assert pred.shape == label.shape and pred.max() < len(VOC_CLASSES)
+        valid = label != 255
+        assert (pred[valid] == label[valid]).mean() == pytest.approx(accuracy[sample["id"]])
+    assert not list((tmp_path / "pred").glob(".*"))  # no temporary files left
+
+
+def test_bad_arguments_are_rejected(cityscapes, tmp_path) -> None:
+    network = tiny_network()
+    with pytest.raises(ValueError, match="19 train ids"):
+        evaluate(network, val_set(cityscapes), num_classes=3, class_names=("a", "b", "c"),
+                 cost_resolution=COST, predictions_dir=tmp_path, prediction_format="cityscapes")
+    with pytest.raises(ValueError, match="class names"):
+        evaluate(network, val_set(cityscapes), num_classes=K, class_names=("a",),
+                 cost_resolution=COST)
+    with pytest.raises(ValueError, match="together"):
+        run(network, cityscapes, predictions_dir=tmp_path)

@@ -1,0 +1,445 @@
+"""Tests of `dynroute.platform.tracking` against a real `mlflow server` on 127.0.0.1.
+
+Most tests share one module-scoped server; the lifecycle and start-failure tests start their own.
+What the facade wrote is read back with MLflow's own client, never through the facade.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.utils import validation
+
+from dynroute.platform.metrics import LEARNING_RATE, LOSS_SEGMENTATION, MIOU
+from dynroute.platform.tracking import (
+    MAX_PARAM_VALUE_CHARS,
+    MetricsNotDelivered,
+    MlflowServer,
+    MlflowServerError,
+    Tracker,
+    flatten,
+    git_commit,
+    params_hash,
+)
+
+server_test = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    with MlflowServer(root=tmp_path_factory.mktemp("mlflow")) as running:
+        print(f"mlflow server healthy after {running.start_seconds:.1f} s")
+        yield running
+
+
+@pytest.fixture
+def client(server: MlflowServer) -> MlflowClient:
+    return MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+
+
+@pytest.fixture
+def tracker(server: MlflowServer, request: pytest.FixtureRequest) -> Tracker:
+    return Tracker(uri=server.uri, experiment=f"test-{request.node.name}", enabled=True)
+
+
+def _health(uri: str) -> int | None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{uri}/health", timeout=2) as answer:
+            return answer.status
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """The pid exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+@server_test
+def test_server_lifecycle(tmp_path: Path) -> None:
+    server = MlflowServer(root=tmp_path)
+    server.start()
+    try:
+        print(f"mlflow server healthy after {server.start_seconds:.1f} s")
+        assert server.uri == f"http://127.0.0.1:{server.port}"
+        assert _health(server.uri) == 200
+        # The URI works for a client, and the default stores are under root.
+        experiment_id = MlflowClient(server.uri).create_experiment("lifecycle")
+        assert MlflowClient(server.uri).get_experiment(experiment_id).name == "lifecycle"
+        assert (tmp_path / "mlflow.db").is_file()
+        assert (tmp_path / "server.log").stat().st_size > 0
+        leader = server.pid
+        group = server.pids()
+        assert leader in group and len(group) >= 2, group  # the CLI and its uvicorn worker
+        assert os.getpgid(leader) == leader  # a process group of its own, not pytest's
+    finally:
+        server.stop()
+    assert not server.running and server.pid is None
+    assert [pid for pid in group if _alive(pid)] == []
+    with pytest.raises(ProcessLookupError):
+        os.kill(leader, 0)
+    assert _health(server.uri) is None
+    server.stop()  # a second stop is harmless
+
+
+@server_test
+def test_server_start_failure_quotes_the_log(tmp_path: Path) -> None:
+    server = MlflowServer(root=tmp_path, backend_store_uri="bogus://nowhere")
+    with pytest.raises(MlflowServerError, match=r"(?s)exited with code.*bogus://nowhere"):
+        server.start()
+    assert not server.running
+
+
+def test_server_refuses_a_busy_port(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(MlflowServerError, match=f"port {port} .* in use"):
+            MlflowServer(root=tmp_path, port=port).start()
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs, params, metrics, artifacts, tags
+
+
+@server_test
+def test_run_roundtrip(tracker: Tracker, client: MlflowClient, tmp_path: Path) -> None:
+    report = tmp_path / "report.txt"
+    report.write_text("hello")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "a.csv").write_text("1,2")
+    with tracker.run(run_name="parent", tags={"purpose": "test"}) as run_id:
+        assert tracker.run_id == run_id
+        tracker.log_params({"train": {"lr": 0.1, "schedule": {"name": "poly"}}, "seed": 3})
+        for step in range(5):
+            tracker.log_metrics({LOSS_SEGMENTATION: 1.0 / (step + 1), MIOU: 0.1 * step},
+                                step=step)
+        tracker.log_artifact(report)
+        tracker.log_artifact(tmp_path / "plots", artifact_path="plots")
+        tracker.log_dict({"classes": ["a", "b"]}, "meta/classes.json")
+        tracker.set_tags({"data_hash": "abc", "epochs": 5})
+        with tracker.run(run_name="nested", nested_in_this_process=True) as nested_id:
+            tracker.log_metrics({LEARNING_RATE: 0.01}, step=0)
+    assert tracker.run_id is None
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "parent"
+    assert run.data.params == {"train.lr": "0.1", "train.schedule.name": "poly", "seed": "3"}
+    assert _history(client, run_id, LOSS_SEGMENTATION) == [(s, 1.0 / (s + 1)) for s in range(5)]
+    assert _history(client, run_id, MIOU) == [(s, 0.1 * s) for s in range(5)]
+    assert {"purpose": "test", "data_hash": "abc", "epochs": "5"}.items() <= run.data.tags.items()
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"report.txt", "plots", "meta"} <= top
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/a.csv"]
+    assert client.download_artifacts(run_id, "report.txt", str(tmp_path / "dl")).endswith(
+        "report.txt")
+    nested = client.get_run(nested_id)
+    assert nested.data.tags["mlflow.parentRunId"] == run_id
+    assert _history(client, nested_id, LEARNING_RATE) == [(0, 0.01)]
+    assert nested.info.status == "FINISHED"
+
+
+@server_test
+def test_child_run_from_another_tracker(server: MlflowServer, tracker: Tracker,
+                                        client: MlflowClient) -> None:
+    parent_id = tracker.start_run(run_name="study")
+    # A trial process has its own tracker and knows only the parent's id.
+    trial = Tracker(uri=server.uri, experiment=tracker.experiment)
+    with trial.run(run_name="trial-0", parent_run_id=parent_id) as child_id:
+        trial.log_metrics({MIOU: 0.5}, step=1)
+    tracker.end_run()
+    child = client.get_run(child_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent_id
+    assert child.info.experiment_id == client.get_run(parent_id).info.experiment_id
+    assert "mlflow.parentRunId" not in client.get_run(parent_id).data.tags
+
+
+@server_test
+def test_a_second_top_level_run_is_refused(tracker: Tracker) -> None:
+    tracker.start_run(run_name="first")
+    with pytest.raises(RuntimeError, match="still active"):
+        tracker.start_run(run_name="second")
+    tracker.end_run()
+
+
+@server_test
+def test_exception_inside_run_marks_it_failed(tracker: Tracker, client: MlflowClient) -> None:
+    with pytest.raises(ZeroDivisionError), tracker.run(run_name="doomed") as run_id:
+        tracker.log_metrics({LOSS_SEGMENTATION: 2.0}, step=0)
+        _ = 1 / 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert _history(client, run_id, LOSS_SEGMENTATION) == [(0, 2.0)]  # flushed before ending
+    assert tracker.run_id is None
+
+
+@server_test
+def test_disabled_tracker_does_nothing(server: MlflowServer, client: MlflowClient,
+                                       tmp_path: Path) -> None:
+    for uri in (server.uri, None):
+        tracker = Tracker(uri=uri, experiment="never-created", enabled=False)
+        with tracker.run(run_name="rank1") as run_id:
+            assert run_id is None
+            tracker.log_params({"a": {"b": 1}})
+            tracker.log_metrics({LOSS_SEGMENTATION: math.nan}, step=0)  # not even validated
+            tracker.log_artifact(tmp_path / "missing.txt")
+            tracker.log_dict({"a": 1}, "a.json")
+            tracker.set_tags({"a": "b"})
+            assert tracker.log_model(torch.nn.Linear(2, 2), name="m",
+                                     input_example=np.zeros((1, 2), np.float32)) is None
+            assert tracker.register_model("models:/x", "never-registered") is None
+            tracker.set_alias("never-registered", "knee", "1")
+            tracker.flush()
+        tracker.end_run()
+    assert client.get_experiment_by_name("never-created") is None
+    assert client.search_registered_models(filter_string="name='never-registered'") == []
+
+
+def test_enabled_tracker_needs_a_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI"):
+        Tracker(uri=None, experiment="x", enabled=True)
+
+
+@server_test
+def test_nan_and_inf_metrics_are_refused(tracker: Tracker, client: MlflowClient) -> None:
+    with tracker.run(run_name="nan") as run_id:
+        with pytest.raises(ValueError, match="'val_loss' is nan"):
+            tracker.log_metrics({MIOU: 0.5, "val_loss": float("nan")}, step=0)
+        with pytest.raises(ValueError, match="'grad_norm' is inf"):
+            tracker.log_metrics({"grad_norm": np.float32("inf")}, step=1)
+        with pytest.raises(TypeError, match="'miou' at step 3 is 'high'"):
+            tracker.log_metrics({MIOU: "high"}, step=3)  # type: ignore[dict-item]
+        tracker.log_metrics({MIOU: 0.25}, step=2)
+    # The refused call logged nothing, not even its finite metric.
+    assert _history(client, run_id, MIOU) == [(2, 0.25)]
+
+
+@server_test
+def test_metrics_survive_server_restarts(server: MlflowServer, tracker: Tracker,
+                                         client: MlflowClient) -> None:
+    uri = server.uri
+
+    def value(step: int) -> float:
+        return 0.5 + step / 1000
+
+    step = 0
+
+    def log(count: int) -> None:
+        nonlocal step
+        for _ in range(count):
+            tracker.log_metrics({MIOU: value(step), LEARNING_RATE: float(step)}, step=step)
+            step += 1
+
+    run_id = tracker.start_run(run_name="restarts")
+    log(10)
+    tracker.flush(timeout=30)
+    server.stop()
+    log(10)  # the server is down
+    with pytest.raises(MetricsNotDelivered, match="not yet delivered"):
+        tracker.flush(timeout=0.5)
+    down_until_ms = time.time() * 1000
+    server.start()
+    log(10)
+    # restart() while the training keeps logging from this thread.
+    restarter = threading.Thread(target=server.restart)
+    restarter.start()
+    while restarter.is_alive():
+        log(1)
+        time.sleep(0.05)
+    restarter.join()
+    log(5)
+    tracker.flush(timeout=60)
+    tracker.end_run()
+
+    assert server.uri == uri
+    assert step > 45  # some were logged during restart()
+    history = client.get_metric_history(run_id, MIOU)
+    assert [(m.step, m.value) for m in history] == [(s, value(s)) for s in range(step)]
+    assert _history(client, run_id, LEARNING_RATE) == [(s, float(s)) for s in range(step)]
+    # Replayed metrics keep the time they were logged at, not the time they arrived.
+    assert all(m.timestamp < down_until_ms for m in history[10:20])
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@server_test
+def test_metrics_the_server_rejects_are_reported(tracker: Tracker, client: MlflowClient) -> None:
+    run_id = tracker.start_run(run_name="deleted")
+    client.delete_run(run_id)
+    tracker.log_metrics({MIOU: 0.5}, step=0)
+    with pytest.raises(MetricsNotDelivered, match=f"rejected.*{run_id}"):
+        tracker.flush(timeout=30)
+    tracker.flush(timeout=5)  # reported once; the buffer is not stuck behind the bad batch
+
+
+@server_test
+def test_artifacts_go_to_an_s3_destination(s3_server, tmp_path: Path) -> None:
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="mlflow-artifacts")
+    # Only the server talks to S3 (proxied artifacts); the client needs no credentials.
+    env = {"MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    report = tmp_path / "report.txt"
+    report.write_text("on s3")
+    with MlflowServer(root=tmp_path / "server", artifacts_destination="s3://mlflow-artifacts/runs",
+                      env=env) as server:
+        tracker = Tracker(uri=server.uri, experiment="s3")
+        with tracker.run(run_name="s3") as run_id:
+            tracker.log_artifact(report, artifact_path="reports")
+        client = MlflowClient(server.uri)
+        assert [a.path for a in client.list_artifacts(run_id, "reports")] == ["reports/report.txt"]
+        assert Path(client.download_artifacts(run_id, "reports/report.txt",
+                                              str(tmp_path / "dl"))).read_text() == "on s3"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow-artifacts")["Contents"]]
+    assert any(k.startswith("runs/") and k.endswith(f"{run_id}/artifacts/reports/report.txt")
+               for k in keys), keys
+    assert not (tmp_path / "server" / "artifacts").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Params
+
+
+def test_param_limit_is_mlflows() -> None:
+    assert MAX_PARAM_VALUE_CHARS == validation.MAX_PARAM_VAL_LENGTH
+
+
+@server_test
+def test_many_and_long_params(tracker: Tracker, client: MlflowClient) -> None:
+    params: dict[str, object] = {f"p{i:03d}": i for i in range(150)}
+    params["medium"] = "m" * 600  # over the 500 of older MLflow docs, within 3.17's 6000
+    params["long"] = "x" * 5000 + "y" * 2000
+    with tracker.run(run_name="params") as run_id:
+        tracker.log_params(params)
+    logged = client.get_run(run_id).data.params
+    assert len(logged) == 152
+    assert all(logged[f"p{i:03d}"] == str(i) for i in range(150))
+    assert logged["medium"] == "m" * 600
+    assert len(logged["long"]) == MAX_PARAM_VALUE_CHARS
+    assert logged["long"].startswith("x" * 5000) and logged["long"].endswith(
+        "...[truncated 7000 chars]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and the registry
+
+
+@server_test
+def test_log_model_load_register_and_alias(tracker: Tracker, client: MlflowClient) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+    example = np.random.default_rng(0).random((2, 4), dtype=np.float32)
+    expected = model(torch.from_numpy(example)).detach().numpy()
+    with tracker.run(run_name="model"):
+        started = time.monotonic()
+        model_uri = tracker.log_model(model, name="tiny", input_example=example)
+        print(f"log_model took {time.monotonic() - started:.2f} s")
+    assert model_uri is not None and model_uri.startswith("models:/")
+    assert model.training  # the output example was computed in eval mode, then restored
+
+    signature = mlflow.models.get_model_info(model_uri).signature
+    assert signature is not None
+    assert signature.inputs.inputs[0].shape == (-1, 4)
+    assert signature.outputs.inputs[0].shape == (-1, 3)  # from the model's own output
+    loaded = mlflow.pytorch.load_model(model_uri)
+    np.testing.assert_allclose(loaded(torch.from_numpy(example)).detach().numpy(), expected)
+
+    version = tracker.register_model(model_uri, "tiny-seg")
+    tracker.set_alias("tiny-seg", "knee", version)
+    tracker.set_model_version_tag("tiny-seg", version, "gflops", 1.5)
+    by_alias = mlflow.pytorch.load_model("models:/tiny-seg@knee")
+    np.testing.assert_allclose(by_alias(torch.from_numpy(example)).detach().numpy(), expected)
+    assert client.get_model_version("tiny-seg", version).tags["gflops"] == "1.5"
+    tracker.delete_alias("tiny-seg", "knee")
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias("tiny-seg", "knee")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+@dataclass(frozen=True)
+class _Optim:
+    lr: float
+    momentum: float
+
+
+def test_flatten() -> None:
+    nested = {"train": {"lr": 0.1, "schedule": {"name": "poly", "power": 0.9}}, "seed": 0,
+              "optim": _Optim(lr=0.05, momentum=0.9), "empty": {}, "crop": [768, 768]}
+    assert flatten(nested) == {
+        "train.lr": 0.1, "train.schedule.name": "poly", "train.schedule.power": 0.9, "seed": 0,
+        "optim.lr": 0.05, "optim.momentum": 0.9, "empty": {}, "crop": [768, 768],
+    }
+    assert flatten({"a": {"b": 1}}, prefix="cfg") == {"cfg.a.b": 1}
+
+
+def test_params_hash_is_canonical() -> None:
+    a = {"train": {"lr": 0.1, "epochs": 3}, "seed": 0}
+    b = {"seed": 0, "train": {"epochs": 3, "lr": 0.1}}
+    assert params_hash(a) == params_hash(b)
+    assert len(params_hash(a)) == 64 and int(params_hash(a), 16) >= 0
+    assert params_hash(a) != params_hash({"seed": 0, "train": {"epochs": 3, "lr": 0.2}})
+    assert params_hash({"path": Path("x")}) == params_hash({"path": "x"})
+
+
+def test_git_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Never let git look above tmp_path for a repository.
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com",
+                               *args], cwd=repo, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "a.txt").write_text("one")
+    git("add", "a.txt")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "HEAD")
+    assert len(head) == 40
+    assert git_commit(repo) == head
+    (repo / "untracked.txt").write_text("output")
+    assert git_commit(repo) == head  # untracked outputs do not make the tree dirty
+    (repo / "a.txt").write_text("two")
+    assert git_commit(repo) == f"{head}-dirty"
+
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    assert git_commit(outside) is None

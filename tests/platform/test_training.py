@@ -1,0 +1,160 @@
+"""Training end to end on tiny synthetic data: in-process, on Ray workers, after a worker dies,
+as a Ray job, and tracked in a real MLflow server."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+
+BIN = Path(sys.executable).parent
+DYNROUTE = str(BIN / "dynroute")
+STEP = re.compile(r"train: step (\d+)/(\d+)")
+RESUMED = re.compile(r"resumed from checkpoint at step (\d+)")
+
+
+def write_params(path: Path, **sections) -> Path:
+    base = {
+        "model": {"layers": 4, "base_channels": 8},
+        "train": {"iterations": 30, "batch_size": 4, "crop": [64, 64], "warmup_iterations": 5},
+        "run": {"checkpoint_every": 10, "log_every": 5, "storage": str(path.parent / "runs"),
+                "name": "t"},
+        "evaluate": {"cost_resolution": [64, 128]},
+        "tracking": {"uri": "none"},
+    }
+    for key, values in sections.items():
+        base[key] = base.get(key, {}) | values
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def env() -> dict:
+    return os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def run(*args, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([DYNROUTE, *map(str, args)], cwd=cwd, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def steps(output: str) -> list[int]:
+    return [int(m.group(1)) for m in STEP.finditer(output)]
+
+
+def test_in_process_training_learns_checkpoints_and_resumes(prepared, tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    first = run("train", "--data", prepared, "--params", params, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    losses = [float(v) for v in re.findall(r"loss_seg ([\d.]+)", first.stdout)]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+    run_dir = tmp_path / "runs" / "t"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == [
+        "checkpoint_00000020", "checkpoint_00000030"], "keeps the last two"
+    state = torch.load(run_dir / "checkpoint_00000030" / "state.pt", weights_only=False)
+    assert state["step"] == 30
+
+    more = run("train", "--data", prepared, "--params", params, "--iterations", "40",
+               cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resumed from checkpoint at step 30" in more.stdout
+    assert steps(more.stdout) == [35, 40], "continues, does not start over"
+
+
+def test_bad_settings_fail_before_training(prepared, tmp_path):
+    params = write_params(tmp_path / "params.yaml", train={"budget": "dynamic-q"})
+    res = run("train", "--data", prepared, "--params", params, cwd=tmp_path)
+    assert res.returncode == 1 and "dynamic-q" in res.stderr
+    params = write_params(tmp_path / "params.yaml")
+    res = run("train", "--data", tmp_path / "nowhere", "--params", params, cwd=tmp_path)
+    assert res.returncode == 1 and "dynroute data prepare" in res.stderr
+
+
+def _ray_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()
+            if "ray::RayTrainWorker" in line]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_last_checkpoint(prepared, tmp_path):
+    every = 10
+    params = write_params(tmp_path / "params.yaml",
+                          train={"iterations": 80, "batch_size": 2},
+                          run={"workers": 2, "checkpoint_every": every, "log_every": 1,
+                               "max_failures": 2, "name": "kill"})
+    proc = subprocess.Popen([DYNROUTE, "train", "--data", str(prepared), "--params",
+                             str(params)], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        target = tmp_path / "runs" / "kill" / "checkpoint_00000020"
+        deadline = time.monotonic() + 240
+        while not target.exists():
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.1)
+        killed_at = len(lines)
+        victims = _ray_worker_pids()
+        assert len(victims) == 2, victims
+        os.kill(victims[-1], signal.SIGKILL)
+        lines.append(f"#### killed {victims[-1]} of {victims}\n")
+        proc.wait(timeout=400)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(lines)
+    assert proc.returncode == 0, output[-4000:]
+    resumed = [int(v) for v in RESUMED.findall(output)]
+    assert resumed, "the run must restart from a checkpoint, not from zero\n" + output[-6000:]
+    before = steps("".join(lines[:killed_at])) or [0]
+    assert resumed[0] % every == 0 and resumed[0] >= 20
+    assert max(before) - resumed[0] <= every, (max(before), resumed)
+    after = steps("".join(lines[killed_at:]))
+    assert after and after[-1] == 80, "every iteration is completed"
+    assert min(s for s in after if s > resumed[0]) == resumed[0] + 1
+
+
+@pytest.mark.slow
+def test_training_is_tracked_in_mlflow(prepared, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from dynroute.platform.tracking import MlflowServer
+
+    with MlflowServer(root=tmp_path / "mlruns") as server:
+        params = write_params(tmp_path / "params.yaml", tracking={"uri": server.uri},
+                              train={"iterations": 20})
+        res = run("train", "--data", prepared, "--params", params, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        res = run("evaluate", "--checkpoint", tmp_path / "runs" / "t", "--data", prepared,
+                  "--params", params, "--out", tmp_path / "eval", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        client = MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("dynroute")
+        runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+        train = runs["t"]
+        assert train.info.status == "FINISHED"
+        assert train.data.params["train.iterations"] == "20"
+        assert train.data.params["model.layers"] == "4"
+        for tag in ("git_commit", "data_hash", "params_hash"):
+            assert train.data.tags[tag]
+        history = client.get_metric_history(train.info.run_id, "loss_seg")
+        assert [m.step for m in history] == [5, 10, 15, 20]
+        evaluation = runs["evaluate-t"]
+        assert 0.0 <= evaluation.data.metrics["miou"] <= 1.0
+        assert evaluation.data.metrics["gflops_mean"] > 0
+        artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+        assert {"gate_probability.png", "route.png", "per_image.parquet"} <= artifacts
+        models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+        assert [m.source_run_id for m in models] == [train.info.run_id]
