@@ -1,3 +1,5 @@
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ def test_warmup_then_poly():
     assert lr_factor(999, config) == pytest.approx((1 / 1000) ** 0.9)
     assert lr_factor(1000, config) == 0.0
     values = [lr_factor(s, config) for s in range(100, 1000)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False)), "poly decreases"
+    assert all(a >= b for a, b in pairwise(values)), "poly decreases"
 
 
 def test_no_weight_decay_on_bn_and_biases_and_a_gate_lr_multiplier():

@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 
-
 BIN = Path(sys.executable).parent
 DYNROUTE = str(BIN / "dynroute")
 STEP = re.compile(r"train: step (\d+)/(\d+)")
