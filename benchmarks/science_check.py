@@ -57,22 +57,47 @@ def per_kind(network, data: Path, kinds: dict[str, str], resolution) -> dict:
     cost = network.cost_model(*resolution)
     stats = {k: RouteStatistics(network.route) for k in ("small", "large", "mixed")}
     flops: dict[str, list[float]] = {k: [] for k in stats}
+    routing: dict[str, list[float]] = {k: [] for k in stats}
+    opened: dict[str, list[np.ndarray]] = {k: [] for k in stats}  # per image: paths open
     with torch.inference_mode():
         for sample in ShardDataset(root=str(data), split="val", train=False, crop=None):
             kind = kinds[f"val/{sample['id']}"]
             out = network(sample["image"][None])
             stats[kind].update(out.gates)
             flops[kind].append(cost.real(out.gates).item() / 1e9)
+            routing[kind].append(cost.real(out.gates, routing_only=True).item() / 1e9)
+            opened[kind].append(np.concatenate([(out.gates[n][0] > network.closed_threshold)
+                                                .numpy() for n in sorted(out.gates)]))
     return {k: {"images": len(flops[k]), "gflops_mean": float(np.mean(flops[k])),
-                "paths": stats[k].path_frequency()} for k in stats if flops[k]}
+                "routing_gflops_mean": float(np.mean(routing[k])),
+                "routing_all_open": cost.all_open_expected() / 1e9,
+                "paths": stats[k].path_frequency(), "opened": np.array(opened[k], dtype=float)}
+            for k in stats if flops[k]}
+
+
+def permutation_test(a: np.ndarray, b: np.ndarray, *, rounds: int = 2000,
+                     seed: int = 0) -> tuple[float, float]:
+    """Mean over paths of |P_a(open) − P_b(open)| and the chance of a value at least as large
+    when the two groups' labels are shuffled (a p-value)."""
+    def statistic(x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.abs(x.mean(0) - y.mean(0)).mean())
+
+    observed = statistic(a, b)
+    pooled, n = np.concatenate([a, b]), len(a)
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(rounds):
+        order = rng.permutation(len(pooled))
+        hits += statistic(pooled[order[:n]], pooled[order[n:]]) >= observed
+    return observed, (hits + 1) / (rounds + 1)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-images", type=int, default=96)
-    parser.add_argument("--val-images", type=int, default=30)
+    parser.add_argument("--val-images", type=int, default=60)
     parser.add_argument("--size", default="128x256", help="synthetic image HxW")
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here")
@@ -116,22 +141,33 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.val_images} val images, L={args.layers}, C0={args.base_channels}, "
           f"{args.iterations} iterations, batch 8, crop {crop[0]}x{crop[1]}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'network':<14}{'mIoU':>8}{'chance':>8}{'GFLOPs mean':>13}{'min':>8}{'max':>8}")
+    print(f"{'network':<14}{'mIoU':>8}{'chance':>8}{'GFLOPs mean':>13}{'min':>8}{'max':>8}"
+          f"{'cells+paths':>13}{'of all-open':>13}")
     for name, r in results.items():
         g = r["gflops"]
+        kinds_r = r["kinds"].values()
+        images = sum(k["images"] for k in kinds_r)
+        r["routing"] = sum(k["routing_gflops_mean"] * k["images"] for k in kinds_r) / images
+        share = r["routing"] / next(iter(kinds_r))["routing_all_open"]
         print(f"{name:<14}{r['miou']:>8.3f}{r['chance']:>8.3f}{g.mean:>13.4f}{g.min:>8.4f}"
-              f"{g.max:>8.4f}")
+              f"{g.max:>8.4f}{r['routing']:>13.4f}{share:>13.3f}")
     raw_g, a_g = results["dynamic-raw"]["gflops"].mean, results["dynamic-a"]["gflops"].mean
-    print(f"(b) budget / no budget real GFLOPs: {a_g / raw_g:.3f}")
+    print(f"(b) budget / no budget real GFLOPs: {a_g / raw_g:.3f} (cells and paths only: "
+          f"{results['dynamic-a']['routing'] / results['dynamic-raw']['routing']:.3f}; the rest "
+          f"is the small gate's saving)")
     kinds_a = results["dynamic-a"]["kinds"]
     print("(c) dynamic-a by scene kind:")
     for kind, entry in kinds_a.items():
-        print(f"    {kind:<6} {entry['images']:>3} images  GFLOPs mean {entry['gflops_mean']:.4f}")
+        print(f"    {kind:<6} {entry['images']:>3} images  GFLOPs mean {entry['gflops_mean']:.4f}"
+              f"  cells+paths {entry['routing_gflops_mean']:.4f}")
     if "small" in kinds_a and "large" in kinds_a:
         small, large = kinds_a["small"]["paths"], kinds_a["large"]["paths"]
         diffs = sorted(((abs(small[p] - large[p]), p) for p in small), reverse=True)
-        print(f"    mean |P(open | small) - P(open | large)| over paths: "
-              f"{np.mean([d for d, _ in diffs]):.3f}; largest:")
+        observed, p_value = permutation_test(kinds_a["small"]["opened"],
+                                             kinds_a["large"]["opened"])
+        print(f"    mean |P(open | small) - P(open | large)| over paths: {observed:.3f} "
+              f"(permutation test, 2000 shuffles of the kind labels: p = {p_value:.4f}); "
+              f"largest:")
         for d, p in diffs[:5]:
             print(f"      path {p}: small {small[p]:.2f}  large {large[p]:.2f}  (|diff| {d:.2f})")
     return 0

@@ -20,8 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 
-import yaml
-
 from .routing_space import INIT_ROW, NodeId, Path, RoutingSpace
 
 
@@ -128,6 +126,8 @@ class Route:
 
     def save(self, path: str | FilePath) -> None:
         """Write JSON (`.json`) or YAML (anything else) atomically."""
+        import yaml  # only for files: the network itself needs nothing beyond torch
+
         path = FilePath(path)
         data = self.to_dict()
         text = (json.dumps(data, indent=2) + "\n" if path.suffix == ".json"
@@ -138,6 +138,8 @@ class Route:
 
     @classmethod
     def load(cls, path: str | FilePath) -> Route:
+        import yaml
+
         path = FilePath(path)
         try:
             text = path.read_text()

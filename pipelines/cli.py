@@ -228,7 +228,8 @@ def train_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    checkpoint: Annotated[Path, typer.Option(help="A checkpoint or a training run folder.")],
+    checkpoint: Annotated[str, typer.Option(
+        help="A checkpoint, a training run folder, or an MLflow model URI (models:/NAME@ALIAS).")],
     data: Annotated[Path, typer.Option(help="Prepared dataset (path or s3:// URI).")],
     out: Annotated[Path, typer.Option(help="Folder for metrics, tables and plots.")],
     params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),

@@ -66,7 +66,22 @@ def load_checkpoint(path: Path):
     network = build_network(spec.network)
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     network.load_state_dict(state["model"])
+    network.training_run_id = state.get("mlflow_run_id")
     return network.eval(), spec
+
+
+def load_model(source: str, *, tracking_uri: str | None):
+    """(network, its name) from a checkpoint folder or an MLflow model URI (`models:/…`)."""
+    if source.startswith(("models:/", "runs:/")):
+        from dynroute.platform.tracking import load_pytorch_model
+
+        if tracking_uri is None:
+            raise ValueError(f"{source} is an MLflow model: set tracking.uri to its server")
+        network = load_pytorch_model(source, tracking_uri=tracking_uri)
+        network.training_run_id = None
+        return network.eval(), source
+    network, spec = load_checkpoint(Path(source))
+    return network, spec.name
 
 
 def most_frequent_route(result):
@@ -85,7 +100,7 @@ def most_frequent_route(result):
         return None
 
 
-def run_evaluation(params: Params, *, checkpoint: Path, data: str, out: Path,
+def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
                    metrics: Path | None, uri: str | None, plots: Path | None = None,
                    save_predictions: bool = False):
     """Evaluate a checkpoint on `params.evaluate.split`; write metrics, plots and tables."""
@@ -96,7 +111,7 @@ def run_evaluation(params: Params, *, checkpoint: Path, data: str, out: Path,
     from dynroute.platform.plots import plot_gate_probability, plot_route
     from dynroute.platform.shards import read_manifest
 
-    network, spec = load_checkpoint(checkpoint)
+    network, source = load_model(checkpoint, tracking_uri=uri)
     manifest = read_manifest(data)
     settings = params.evaluate
     tta = (TTA(scales=settings.tta_scales or (1.0,), flip=settings.tta_flip)
@@ -133,7 +148,8 @@ def run_evaluation(params: Params, *, checkpoint: Path, data: str, out: Path,
     figures.append(plot_route(route, out / "route.png", title=f"{route.name} route"))
     route.save(out / "route.yaml")
     if uri is not None:
-        _track_evaluation(uri, params, spec, manifest, summary, out, figures)
+        _track_evaluation(uri, params, source, network.training_run_id, manifest, summary, out,
+                          figures)
     return result
 
 
@@ -143,15 +159,18 @@ def _write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def _track_evaluation(uri, params, spec, manifest, summary, out, plots) -> None:
+def _track_evaluation(uri, params, source, training_run_id, manifest, summary, out,
+                      plots) -> None:
     from dynroute.platform.tracking import Tracker, flatten, git_commit
 
     tracker = Tracker(uri=uri, experiment=params.tracking.experiment, enabled=True)
     tags = {"git_commit": git_commit() or "unknown", "data_hash": manifest.content_hash,
-            "stage": "evaluate", "trained_by": spec.name}
-    with tracker.run(run_name=f"evaluate-{spec.name}", tags=tags):
-        tracker.log_params(flatten({"evaluate": asdict(params.evaluate),
-                                    "checkpoint_of": spec.name}))
+            "stage": "evaluate", "model_source": source}
+    if training_run_id:
+        tags["training_run_id"] = training_run_id
+    name = Path(source).name if "://" not in source and ":/" not in source else source
+    with tracker.run(run_name=f"evaluate-{name}", tags=tags):
+        tracker.log_params(flatten({"evaluate": asdict(params.evaluate), "model": source}))
         numbers = {k: v for k, v in summary.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)}
         tracker.log_metrics(numbers, step=0)

@@ -870,3 +870,16 @@ def _predict(model: torch.nn.Module, example: np.ndarray) -> np.ndarray:
         raise TypeError(f"{type(model).__name__} returned {type(output).__name__}, not a tensor; "
                         "pass output_example= explicitly (or log a wrapper returning a tensor)")
     return output.detach().cpu().numpy()
+
+
+def load_pytorch_model(model_uri: str, *, tracking_uri: str | None) -> torch.nn.Module:
+    """A logged or registered PyTorch model (`models:/NAME@ALIAS`, `models:/<id>`, `runs:/…`)."""
+    import mlflow.pytorch
+
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    try:
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except MlflowException as err:
+        raise ValueError(f"cannot load model {model_uri} from {tracking_uri}: {err}") from None

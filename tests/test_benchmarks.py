@@ -16,3 +16,11 @@ def test_dynamic_inference_benchmark_runs_at_smoke_size():
     table = {line.split()[0]: line.split() for line in res.stdout.splitlines()[2:6]}
     assert float(table["all-open"][2]) == 1.0
     assert all(float(row[2]) < 1.0 for name, row in table.items() if name != "all-open")
+
+
+def test_science_check_runs_at_smoke_size():
+    res = subprocess.run([sys.executable, "benchmarks/science_check.py", "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for row in ("dynamic-raw", "dynamic-a", "(b) budget", "(c) dynamic-a by scene kind"):
+        assert row in res.stdout

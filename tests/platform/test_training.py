@@ -1,6 +1,7 @@
 """Training end to end on tiny synthetic data: in-process, on Ray workers, after a worker dies,
 as a Ray job, and tracked in a real MLflow server."""
 
+import json
 import os
 import re
 import signal
@@ -66,6 +67,15 @@ def test_in_process_training_learns_checkpoints_and_resumes(prepared, tmp_path):
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resumed from checkpoint at step 30" in more.stdout
     assert steps(more.stdout) == [35, 40], "continues, does not start over"
+
+
+def test_bf16_and_channels_last_train(prepared, tmp_path):
+    params = write_params(tmp_path / "params.yaml", train={"iterations": 5},
+                          run={"bf16": True, "channels_last": True, "log_every": 5})
+    res = run("train", "--data", prepared, "--params", params, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    loss = float(re.search(r"loss_seg ([\d.]+)", res.stdout).group(1))
+    assert 0 < loss < 10
 
 
 def test_bad_settings_fail_before_training(prepared, tmp_path):
@@ -155,5 +165,13 @@ def test_training_is_tracked_in_mlflow(prepared, tmp_path):
         assert evaluation.data.metrics["gflops_mean"] > 0
         artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
         assert {"gate_probability.png", "route.png", "per_image.parquet"} <= artifacts
+        assert evaluation.data.tags["training_run_id"] == train.info.run_id
         models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
         assert [m.source_run_id for m in models] == [train.info.run_id]
+        # the logged model evaluates like its checkpoint
+        res = run("evaluate", "--checkpoint", f"models:/{models[0].model_id}", "--data",
+                  prepared, "--params", params, "--out", tmp_path / "eval-model", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        by_checkpoint = (tmp_path / "eval" / "metrics.json").read_text()
+        by_model = (tmp_path / "eval-model" / "metrics.json").read_text()
+        assert json.loads(by_model)["miou"] == json.loads(by_checkpoint)["miou"]
