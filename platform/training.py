@@ -120,6 +120,10 @@ def train_loop(config: dict) -> None:
     me = ray_train.worker()
     torch.manual_seed(recipe.seed)  # the same initial weights on every worker
     network = build_network(net_config)
+    if spec.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    # On the device before the optimizer exists: its loaded state then lands beside the params.
+    network = network.to(me.device)
     cost = network.cost_model(*recipe.crop)  # C_all at the training resolution
     lambda2, mu = recipe.budget_weights
     budget = BudgetLoss(lambda2=lambda2, mu=mu, c_all=cost.all_open_expected(),
@@ -133,8 +137,6 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step, run_id = int(state["step"]), state.get("mlflow_run_id")
         print(f"[rank {me.rank}] resumed from checkpoint at step {step}", flush=True)
-    if spec.channels_last:
-        network = network.to(memory_format=torch.channels_last)
     model = ray_train.prepare_model(network, device=me.device)
 
     dataset = ShardDataset(root=spec.data, split="train", train=True, crop=recipe.crop,
