@@ -66,3 +66,24 @@ def test_readme_names_the_test_command_that_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme
     assert "make test" in ci
+
+
+def test_import_platform_inside_a_ray_worker_is_the_standard_library():
+    # A Ray worker started from the repo root imports as the driver does; platform/ must not win.
+    code = (
+        "import os, ray, platform\n"
+        "os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "@ray.remote\n"
+        "def where():\n"
+        "    import platform, dynroute.platform.metrics as m\n"
+        "    return platform.__file__, platform.system(), m.__file__\n"
+        "print(*ray.get(where.remote()), sep='\\n')\n"
+        "ray.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    file, system, metrics = out.stdout.strip().splitlines()[-3:]
+    assert _is_stdlib_platform(file) and system == "Linux"
+    assert Path(metrics).resolve() == (ROOT / "platform" / "metrics.py").resolve()
