@@ -1,0 +1,154 @@
+"""benchmarks/gpu_bench.py runs where only PyTorch is installed, and its numerics checks compare."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynroute.models import NetworkConfig, build_network
+from dynroute.models.gate import pin_gate
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_bench.py"
+# What the script reads from the repository: the model package and the two scripts it reuses.
+NEEDED = ("benchmarks/gpu_bench.py", "benchmarks/dynamic_inference.py", "platform/recipe.py")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("gpu_bench_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _torch_only_site(dest: Path) -> Path:
+    """A folder with links to torch, numpy and their dependencies only (no dynroute, no PyYAML).
+
+    Put on PYTHONPATH under `python -S`, it is an ordinary path entry: no .pth file runs, so the
+    editable install of dynroute is not importable either.
+    """
+    dest.mkdir()
+    seen: set[str] = set()
+    todo = ["torch", "numpy"]
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # an optional dependency that is not installed
+        for top in {f.parts[0] for f in dist.files or []}:
+            if top in ("..", "__pycache__") or top.endswith(".pth") or (dest / top).exists():
+                continue
+            (dest / top).symlink_to(Path(dist.locate_file(top)).resolve())
+        todo += [re.match(r"[A-Za-z0-9_.\-]+", r).group(0) for r in dist.requires or []
+                 if "extra ==" not in r]
+    return dest
+
+
+def _checkout_copy(dest: Path) -> Path:
+    shutil.copytree(ROOT / "models", dest / "models",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for rel in NEEDED:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    return dest
+
+
+@pytest.mark.slow
+def test_smoke_run_needs_only_torch_and_uses_the_models_folder_next_to_it(tmp_path):
+    work = _checkout_copy(tmp_path / "checkout")
+    site = _torch_only_site(tmp_path / "site")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env |= {"PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"}
+    python = [sys.executable, "-S"]  # no site-packages, no .pth: only what PYTHONPATH holds
+
+    probe = subprocess.run(
+        [*python, "-c", "import importlib.util as u, torch, numpy; "
+                        "print(u.find_spec('dynroute'), u.find_spec('yaml'))"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.split() == ["None", "None"], "dynroute or PyYAML leaked into the env"
+
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [*python, "benchmarks/gpu_bench.py", "--smoke", "--device", "cpu", "--json", str(out),
+         "--time-budget", "100000"],  # never skip a case for time in CI
+        cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"models loaded from {work / 'models'} (as dynroute.models)" in res.stdout
+    assert "PyYAML absent" in res.stdout
+
+    bench = _load_script()
+    results = json.loads(out.read_text())["results"]
+    assert results["train"][0]["case"] == "eager fp32 (baseline)"
+    expected = {"train": [c.name for c in bench.TRAIN_CASES if not c.cuda_only],
+                "infer": [c.name for c in bench.INFER_CASES if not c.cuda_only]}
+    for section, names in expected.items():
+        assert [r["case"] for r in results[section]] == names
+        for row in results[section]:
+            assert row["status"] == "ok", (row["case"], row["status"])
+            assert row["check"]["ok"], (row["case"], row["check"])
+            if section == "train":
+                assert row["grad_check"]["ok"], (row["case"], row["grad_check"])
+            assert row["case"] in res.stdout
+    scenarios = {r["extra"]["scenario"] for r in results["dynamic"]}
+    assert scenarios == {"all-open", "no-up-down", "alternate-rows", "random-40"}
+    assert all(r["status"] == "ok" for r in results["dynamic"])
+    assert {r["extra"]["path"] for r in results["dynamic"]} >= {"eager fp32 (baseline)"}
+    for scenario in scenarios:
+        assert f"/ {scenario}" in res.stdout
+
+
+def _open_tiny_network():
+    torch.manual_seed(0)
+    net = build_network(NetworkConfig(layers=4, base_channels=4, num_classes=3)).eval()
+    for node in net.nodes.values():
+        pin_gate(node.gate, [True] * len(node.paths))
+    return net
+
+
+def test_numerics_check_sees_layout_as_equal_and_bf16_as_close_but_different():
+    bench = _load_script()
+    net = _open_tiny_network()
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 96) * 40.0  # (B, 3, H, W)
+
+    reference = bench.InferRunner(net, bench.InferCase("fp32")).logits(images)
+    channels_last = bench.InferRunner(net, bench.InferCase("cl", channels_last=True))
+    bf16 = bench.InferRunner(net, bench.InferCase("bf16", bf16_weights=True,
+                                                  channels_last=True))
+
+    same = bench.compare(channels_last.logits(images), reference, tol=bench.FP32_RTOL)
+    assert same.rel < 1e-5 and same.ok
+    close = bench.compare(bf16.logits(images), reference, tol=bench.BF16_RTOL)
+    assert close.rel > 1e-4, "bf16 weights should change the logits"
+    assert close.ok
+    # The runners worked on copies: the source network is untouched.
+    first = net.stem[0].weight
+    assert first.dtype == torch.float32 and first.is_contiguous()
+
+
+def test_compare_fails_on_wrong_or_nan_results():
+    bench = _load_script()
+    ref = torch.linspace(-3.0, 5.0, 100)
+    assert bench.compare(ref.clone(), ref, tol=bench.FP32_RTOL).rel == 0.0
+    off = bench.compare(ref * 1.01, ref, tol=bench.FP32_RTOL)
+    assert not off.ok and off.max_abs == pytest.approx(0.05, rel=1e-3)
+    assert not bench.compare(torch.full_like(ref, float("nan")), ref, tol=bench.BF16_RTOL).ok
+    with pytest.raises(ValueError, match="shapes differ"):
+        bench.compare(ref[:10], ref, tol=bench.FP32_RTOL)
