@@ -44,6 +44,7 @@ import logging
 import statistics
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -764,6 +765,22 @@ def run_infer(sizes: Sizes, device: Device, clock: Clock, *, no_compile: bool
 
 
 # -- (c) dynamic savings --------------------------------------------------------------------------
+def count_host_waits(fn: Callable[[], object], device: Device) -> int | None:
+    """How many times `fn` makes the host wait for the GPU (CUDA's sync debug mode flags each
+    one); None on CPU, where nothing is asynchronous."""
+    if not device.cuda:
+        return None
+    device.sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def copy_pins(source: nn.Module, target: nn.Module) -> None:
     """Give `target` the pinned gates of `source` (same architecture), so both take one route."""
     with torch.no_grad():
@@ -772,6 +789,34 @@ def copy_pins(source: nn.Module, target: nn.Module) -> None:
             final_dst = target.nodes[key].gate.features[-1]
             final_dst.weight.copy_(final_src.weight)
             final_dst.bias.copy_(final_src.bias)
+
+
+MIXED_CASE = "mixed routes in one batch vs each image alone (float64)"
+
+
+def check_mixed_routes(device: Device) -> Row:
+    """Per-sample routing on this device: a batch whose images take different routes must give
+    each image what it gives alone (float64, so only a routing mistake can differ)."""
+    from dynroute.models import NetworkConfig, build_network
+
+    torch.manual_seed(SEED)
+    net = build_network(NetworkConfig(layers=4, base_channels=8, num_classes=NUM_CLASSES))
+    gen = torch.Generator().manual_seed(SEED + 2)
+    with torch.no_grad():
+        for node in net.nodes.values():  # strong random gates, no bias: routes differ by image
+            final = node.gate.features[-1]
+            final.weight.copy_(torch.randn(final.weight.shape, generator=gen) * 3)
+            final.bias.zero_()
+    net = net.double().to(device.torch).eval()
+    images = (torch.randn(6, 3, 64, 96, generator=gen) * 30
+              + torch.randn(6, 3, 1, 1, generator=gen) * 60).double().to(device.torch)
+    with torch.inference_mode():
+        batched = net(images)
+        alone = torch.cat([net(images[i:i + 1]).logits for i in range(len(images))])
+    routes = {tuple(bool(v) for n in sorted(batched.gates) for v in batched.gates[n][i] > 1e-4)
+              for i in range(len(images))}
+    return Row("dynamic", MIXED_CASE, check=compare(batched.logits, alone, tol=1e-9),
+               note=f"{len(routes)} distinct routes among {len(images)} images")
 
 
 def run_dynamic(sizes: Sizes, device: Device, clock: Clock, candidates: dict[str, InferRunner],
@@ -793,13 +838,15 @@ def run_dynamic(sizes: Sizes, device: Device, clock: Clock, candidates: dict[str
     if best is not None:
         paths[best] = candidates[best]
     cost = net.cost_model(*size)
-    rows: list[Row] = []
+    rows: list[Row] = [check_mixed_routes(device)]
+    waits: dict[tuple[str, str], int | None] = {}
     for name, pin in scenarios.items():  # route check and warm-up (compiles new routes)
         pin(net)
         for path, runner in paths.items():
             copy_pins(net, runner.net)
             real = cost.real(runner(images).gates).mean().item()
             runner(images)
+            waits[path, name] = count_host_waits(lambda r=runner: r(images), device)
             if abs(real - flops[name]) > 1e-6 * flops[name]:
                 rows.append(Row("dynamic", f"{path} / {name}",
                                 status=f"failed: took another route ({real:.3g} vs "
@@ -823,7 +870,7 @@ def run_dynamic(sizes: Sizes, device: Device, clock: Clock, candidates: dict[str
             rows.append(Row("dynamic", f"{path} / {name}", ms=ms, repeats=repeats, extra={
                 "path": path, "scenario": name, "gflops": flops[name] / 1e9,
                 "flops_ratio": flops_ratio, "latency_ratio": latency_ratio,
-                "latency_over_flops": follows,
+                "latency_over_flops": follows, "host_waits": waits[path, name],
                 "within_tolerance": abs(follows - 1) <= DYNAMIC_TOLERANCE}))
     return rows
 
@@ -884,6 +931,8 @@ def report_train(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
                "losses Δ rel", "grad Δ rel (L2)"] + (["ref img/s"] if refs else [])
     table = []
     for r in rows:
+        if r.case == MIXED_CASE:
+            continue
         if r.status != "ok":
             table.append([r.case, r.status])
             continue
@@ -917,6 +966,8 @@ def report_infer(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
                    ["ref ms"] if refs else [])
     table = []
     for r in rows:
+        if r.case == MIXED_CASE:
+            continue
         if r.status != "ok":
             table.append([r.case, r.status])
             continue
@@ -944,20 +995,27 @@ def report_infer(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
 
 def report_dynamic(rows: list[Row], sizes: Sizes) -> None:
     headers = ["path / scenario", "GFLOPs", "FLOPs ratio", "ms", "latency ratio", "lat/FLOPs",
-               f"within {DYNAMIC_TOLERANCE:.0%}"]
+               f"within {DYNAMIC_TOLERANCE:.0%}", "host waits"]
     table = []
     for r in rows:
+        if r.case == MIXED_CASE:
+            continue
         if r.status != "ok":
             table.append([r.case, r.status])
             continue
         e = r.extra
         table.append([r.case, f"{e['gflops']:.3g}", f"{e['flops_ratio']:.3f}", f"{r.ms:.2f}",
                       f"{e['latency_ratio']:.3f}", f"{e['latency_over_flops']:.3f}",
-                      "✓" if e["within_tolerance"] else "✗"])
+                      "✓" if e["within_tolerance"] else "✗", _fmt(e["host_waits"], "d")])
     h, w = sizes.infer_size
+    repeats = max((r.repeats for r in rows), default=0)
     print_table(f"(c) dynamic savings: routes pinned through the real gates, batch 1, {h}x{w}, "
-                f"median of {rows[-1].repeats if rows else 0} interleaved repeats", headers, table)
-    measured = [r for r in rows if r.status == "ok"]
+                f"median of {repeats} interleaved repeats", headers, table)
+    for r in rows:
+        if r.case == MIXED_CASE and r.check is not None:
+            print(f"  {r.case}: max |Δ| / max |ref| {r.check.rel:.1e} "
+                  f"{'✓' if r.check.ok else '✗'} ({r.note})")
+    measured = [r for r in rows if r.status == "ok" and r.case != MIXED_CASE]
     within = sum(r.extra["within_tolerance"] for r in measured)
     print(f"  latency follows real FLOPs within {DYNAMIC_TOLERANCE:.0%} for {within} of "
           f"{len(measured)} path/scenario pairs")
@@ -1005,6 +1063,9 @@ def main(argv: list[str] | None = None) -> int:
                              "on a busy 2-core host two OpenMP threads made a 40 ms CPU step "
                              "take 10 s, and the CPU figures are checks, not speed claims")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--models", type=Path, default=ROOT / "models",
+                        help="load the model code from this folder instead of ../models (to "
+                             "compare two versions of it with the same script)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     clock = Clock(args.time_budget)
@@ -1012,7 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or (None if device.cuda else 1)
     if threads:
         torch.set_num_threads(threads)
-    models = load_models()
+    models = load_models(args.models)
     configure_torch()
     sizes = sizes_for(device, args.smoke)
     reference_sizes = sizes == sizes_for(Device(torch.device("cuda")), False)

@@ -31,10 +31,10 @@ class Feature:
     """
 
     value: torch.Tensor  # (B, C, h, w)
-    present: torch.Tensor | None = None  # (B,) bool
+    present: torch.Tensor | None = None  # (B,) bool, on the host: reading it never waits
 
     def index(self) -> torch.Tensor | None:
-        """Batch indices of the present samples, None for all of them."""
+        """Batch indices (host) of the present samples, None for all of them."""
         if self.present is None or bool(self.present.all()):
             return None
         return self.present.nonzero().squeeze(1)
@@ -49,9 +49,20 @@ def apply_to_present(block: nn.Module, feature: Feature) -> Feature:
     idx = feature.index()
     if idx is None:
         return Feature(block(feature.value), feature.present)
+    idx = to_device(idx, feature.value.device)
     out = block(feature.value.index_select(0, idx))
     full = out.new_zeros((feature.value.shape[0], *out.shape[1:]))
     return Feature(full.index_copy(0, idx, out), feature.present)
+
+
+def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host index tensor on `device`; to a GPU through pinned memory, so the copy is queued
+    behind the kernels before it instead of waiting for them."""
+    if index.device == device:
+        return index
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
 
 
 def merge(a: Feature | None, b: Feature | None) -> Feature | None:

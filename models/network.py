@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cost import CostModel, build_cost_model
-from .decoder import Decoder, Feature, SegmentationHead
+from .decoder import Decoder, Feature, SegmentationHead, to_device
 from .node import Node, module_key
 from .routes import Route
 from .routing_space import INIT_ROW, NUM_SCALES, NodeId
@@ -149,51 +149,66 @@ class DynamicRoutingNetwork(nn.Module):
 
     def _route_hard(self, x: torch.Tensor, progress: float
                     ) -> tuple[list[Feature | None], dict[NodeId, torch.Tensor]]:
+        """Per-sample routing, row by row: the gates of a whole row are evaluated first and
+        their open/closed decisions reach the host in one transfer, the row's only wait on the
+        device (L + 1 waits per forward instead of one or more per node). Which samples are
+        present where is bookkept on the host, so it costs no further waits."""
+        batch = x.shape[0]
         inputs: dict[NodeId, Feature] = {(INIT_ROW, 0): Feature(x)}
         gates: dict[NodeId, torch.Tensor] = {}
         for row in self.rows():
             received: dict[NodeId, Feature] = {}
+            work = []  # (node, batch indices of its present samples or None, its input, α)
             for node in row:
-                gates[node.node] = self._node_hard(node, inputs.get(node.node), received, x)
+                feature = inputs.get(node.node)
+                if feature is None or not feature.any:
+                    gates[node.node] = x.new_zeros(batch, len(node.paths))
+                    continue
+                idx = feature.index()
+                value = feature.value if idx is None else feature.value.index_select(
+                    0, to_device(idx, x.device))
+                work.append((node, idx, value, node.gate(value)))
+            if work:
+                opened = torch.cat([(alpha > self.closed_threshold).flatten()
+                                    for *_, alpha in work]).cpu()  # the row's one host sync
+                start = 0
+                for node, idx, value, alpha in work:
+                    open_ = opened[start:start + alpha.numel()].view(alpha.shape)
+                    start += alpha.numel()
+                    _node_hard(node, idx, value, alpha, open_, received, batch)
+                    gates[node.node] = alpha if idx is None else alpha.new_zeros(
+                        batch, alpha.shape[1]).index_copy(0, to_device(idx, x.device), alpha)
             inputs = received
         return self._decoder_inputs(inputs), gates
 
-    def _node_hard(self, node: Node, feature: Feature | None,
-                   received: dict[NodeId, Feature], like: torch.Tensor) -> torch.Tensor:
-        """Run one node on the samples it is present for; deposit its outputs in `received`.
 
-        Returns α (B, g), zeros for absent samples; `like` gives B, dtype and device.
-        """
-        batch = like.shape[0]
-        if feature is None or not feature.any:
-            return like.new_zeros(batch, len(node.paths))
-        idx = feature.index()  # present samples (None: all)
-        x = feature.value if idx is None else feature.value.index_select(0, idx)
-        alpha = node.gate(x)  # (n, g)
-        open_ = (alpha > self.closed_threshold).cpu()  # the one host sync of the node
-        active = open_.any(dim=1)
-        local = torch.arange(x.shape[0])
-        if not bool(active.all()) and "keep" in node.transforms:
-            # A node with every path closed passes its input on unchanged (Eq. 5–6).
-            rest = local[~active]
-            keep = next(p for p in node.paths if p.direction == "keep")
-            _deposit(received, keep.target, _take(x, rest, x.shape[0]), _select(idx, rest),
-                     batch)
-        if bool(active.any()):
-            act = local[active]
-            h = node.cell(_take(x, act, x.shape[0]))  # (n_active, C, h, w)
-            a = _take(alpha, act, x.shape[0])
-            for j, path in enumerate(node.paths):
-                opened = open_[act, j]
-                if not bool(opened.any()):
-                    continue
-                sel = torch.arange(len(act))[opened]
-                y = node.transforms[path.direction](_take(h, sel, len(act)))
-                y = _take(a[:, j], sel, len(act)).view(-1, 1, 1, 1) * y
-                _deposit(received, path.target, y, _select(idx, act[sel]), batch)
-        if idx is None:
-            return alpha
-        return alpha.new_zeros(batch, alpha.shape[1]).index_copy(0, idx, alpha)
+def _node_hard(node: Node, idx: torch.Tensor | None, x: torch.Tensor, alpha: torch.Tensor,
+               open_: torch.Tensor, received: dict[NodeId, Feature], batch: int) -> None:
+    """Run one node on its present samples; deposit its outputs in `received`.
+
+    idx: batch indices (host) of the rows of `x`, None when they are the whole batch in order;
+    alpha (n, g): the node's gates; open_ (n, g) on the host: which paths are open.
+    """
+    active = open_.any(dim=1)
+    local = torch.arange(x.shape[0])
+    if not bool(active.all()) and "keep" in node.transforms:
+        # A node with every path closed passes its input on unchanged (Eq. 5–6).
+        rest = local[~active]
+        keep = next(p for p in node.paths if p.direction == "keep")
+        _deposit(received, keep.target, _take(x, rest, x.shape[0]), _select(idx, rest), batch)
+    if not bool(active.any()):
+        return
+    act = local[active]
+    h = node.cell(_take(x, act, x.shape[0]))  # (n_active, C, h, w)
+    a = _take(alpha, act, x.shape[0])
+    for j, path in enumerate(node.paths):
+        opened = open_[act, j]
+        if not bool(opened.any()):
+            continue
+        sel = torch.arange(len(act))[opened]
+        y = node.transforms[path.direction](_take(h, sel, len(act)))
+        y = _take(a[:, j], sel, len(act)).view(-1, 1, 1, 1) * y
+        _deposit(received, path.target, y, _select(idx, act[sel]), batch)
 
 
 def _pad_to(size: int) -> int:
@@ -201,16 +216,16 @@ def _pad_to(size: int) -> int:
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
-    """t[rows] without a copy when `rows` is every row in order."""
+    """t[rows] (`rows` on the host) without a copy when `rows` is every row in order."""
     if len(rows) == total:
         return t
-    return t.index_select(0, rows.to(t.device))
+    return t.index_select(0, to_device(rows, t.device))
 
 
 def _select(idx: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """Batch indices of local rows `rows` given the batch indices `idx` of the local samples."""
-    rows = rows if idx is None else idx[rows.to(idx.device)]
-    return rows
+    """Batch indices (host) of local rows `rows` given the batch indices `idx` of the local
+    samples."""
+    return rows if idx is None else idx[rows]
 
 
 def _deposit(received: dict[NodeId, Feature], target: NodeId, value: torch.Tensor,
@@ -223,15 +238,15 @@ def _deposit(received: dict[NodeId, Feature], target: NodeId, value: torch.Tenso
         if prev is not None and prev.present is not None:
             received[target].present = torch.ones_like(prev.present)
         return
-    batch_idx = batch_idx.to(value.device)
     base = value.new_zeros(batch, *value.shape[1:]) if prev is None else prev.value
     if prev is None:
-        present = torch.zeros(batch, dtype=torch.bool, device=value.device)
+        present = torch.zeros(batch, dtype=torch.bool)
     elif prev.present is None:
         present = None
     else:
         present = prev.present.clone()
     if present is not None:
         present[batch_idx] = True
-    received[target] = Feature(base.index_add(0, batch_idx, value), present)
+    received[target] = Feature(base.index_add(0, to_device(batch_idx, value.device), value),
+                               present)
 
