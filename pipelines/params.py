@@ -62,6 +62,7 @@ class RunParams:
     checkpoint_every: int = 50
     log_every: int = 10
     max_failures: int = 2
+    fast: bool = True  # the device's measured fast path (platform/fast_path.py)
     bf16: bool = False
     channels_last: bool = False
 
@@ -72,6 +73,7 @@ class EvaluateParams:
     cost_resolution: tuple[int, int] = (1024, 2048)  # declared resolution of reported GFLOPs
     tta_scales: tuple[float, ...] = ()  # e.g. [0.75, 1.0, 1.25]; empty: single scale
     tta_flip: bool = False
+    fast: bool = True  # the device's measured fast path (platform/fast_path.py)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,44 @@ class TrackingParams:
     experiment: str = "dynroute"
 
 
+def _default_space() -> dict:
+    return {"train.lambda2": {"low": 0.05, "high": 1.5, "log": True},
+            "train.mu": {"low": 0.0, "high": 0.6, "log": False}}
+
+
+@dataclass(frozen=True)
+class TuneParams:
+    """The budget search (`dynroute tune`): Ray Tune trials sampled by Optuna.
+
+    space: dotted params.yaml keys (train.* or model.*) → {low, high, log}. storage: an Optuna
+    journal file, or an RDB URL (postgresql://…, sqlite:///…) on a cluster. max_gflops > 0
+    switches to the hard-budget mode (best mIoU subject to real GFLOPs ≤ max_gflops).
+    """
+
+    study: str = "dynroute-budget"
+    storage: str = "artifacts/tune/optuna.journal"
+    results: str = "artifacts/tune"  # Ray Tune storage, trial runs and trials.json
+    num_samples: int = 6  # trials in all, the seeded ones included
+    max_concurrent: int = 0  # 0: as many as the CPUs (GPUs) Ray sees allow
+    trial_cpus: float = 1.0
+    seed: int = 0
+    seed_budgets: tuple[str, ...] = ("dynamic-a", "dynamic-b", "dynamic-c")
+    space: dict = field(default_factory=_default_space)
+    iterations: int = 0  # iterations per trial; 0: train.iterations
+    scheduler: str = "fifo"  # fifo | mo-asha
+    grace_period: int = 100  # mo-asha: the first rung, in iterations
+    reduction_factor: int = 2  # mo-asha: keep ~1/η of the trials at each rung
+    max_gflops: float = 0.0
+
+
+@dataclass(frozen=True)
+class RegistryParams:
+    """The Pareto-aware model registry (`dynroute register`)."""
+
+    name: str = "dynroute-{dataset}"  # one registered model per dataset
+    budget_edges: tuple[float, ...] = ()  # GFLOPs edges of the le-N aliases; empty: automatic
+
+
 @dataclass(frozen=True)
 class Params:
     synth: SynthParams = field(default_factory=SynthParams)
@@ -93,6 +133,8 @@ class Params:
     run: RunParams = field(default_factory=RunParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    tune: TuneParams = field(default_factory=TuneParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
 
 
 def _build(cls: type, data: object, where: str):

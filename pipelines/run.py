@@ -39,7 +39,8 @@ def train_spec(params: Params, *, data: str, uri: str | None) -> TrainSpec:
         train=asdict(params.train), name=run.name, storage=run.storage, workers=run.workers,
         use_gpu=run.use_gpu, loader_workers=run.loader_workers,
         checkpoint_every=run.checkpoint_every, log_every=run.log_every,
-        max_failures=run.max_failures, bf16=run.bf16, channels_last=run.channels_last,
+        max_failures=run.max_failures, fast=run.fast, bf16=run.bf16,
+        channels_last=run.channels_last,
         tracking=TrackingSpec(uri=uri, experiment=params.tracking.experiment,
                               run_name=run.name))
 
@@ -123,7 +124,8 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
                       cost_resolution=settings.cost_resolution, tta=tta,
                       predictions_dir=out / "predictions" if save_predictions else None,
                       prediction_format=manifest.dataset if save_predictions else None,
-                      progress=Progress(f"evaluate {settings.split}"), warmup=1)
+                      progress=Progress(f"evaluate {settings.split}"), warmup=1,
+                      fast=settings.fast)
     summary = result.to_dict()
     _write_json(out / "metrics.json", summary)
     if metrics is not None:

@@ -41,7 +41,7 @@ from dynroute.models import DynamicRoutingNetwork
 from dynroute.models.route_statistics import RouteStatistics
 from dynroute.models.routing_space import NodeId
 from dynroute.models.routing_space import Path as RoutePath
-from dynroute.platform import metrics
+from dynroute.platform import fast_path, metrics
 
 IGNORE_INDEX = 255
 PredictionFormat = Literal["cityscapes", "voc"]
@@ -285,7 +285,7 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
              predictions_dir: Path | None = None,
              prediction_format: PredictionFormat | None = None,
              progress: Callable[[int, int], None] | None = None, limit: int | None = None,
-             warmup: int = 0) -> EvaluationResult:
+             warmup: int = 0, fast: bool = True) -> EvaluationResult:
     """Evaluate `network` on every sample of `dataset`, one image at a time, hard routing.
 
     Args:
@@ -302,6 +302,8 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
         progress: called as (done, total) after each image; total is -1 if unknown.
         limit: stop after this many images.
         warmup: untimed forwards on the first image (CUDA context, cuDNN autotuning).
+        fast: the device's measured fast path (fast_path.py: channels-last); False runs the
+            plain layout. Both compute the same fp32 function.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit}: evaluate at least one image, or pass None for all")
@@ -333,10 +335,13 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
     rows: list[ImageRow] = []
     was_training = network.training
     network.eval()
+    layout = fast_path.for_inference(device, fast=fast)
+    layout.network(network)
     try:
         with torch.inference_mode():
             for sample in dataset:
-                image = sample["image"].to(device, non_blocking=True).unsqueeze(0)  # (1,3,H,W)
+                image = layout.images(  # (1, 3, H, W)
+                    sample["image"].to(device, non_blocking=True).unsqueeze(0))
                 label = sample["label"].to(device, non_blocking=True)  # (H, W)
                 if not rows:
                     for _ in range(warmup):
@@ -368,6 +373,8 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
                     break
     finally:
         network.train(was_training)
+        if layout.channels_last:  # hand the network back in the layout it came in
+            network.to(memory_format=torch.contiguous_format)
     if not rows:
         raise ValueError("the dataset yielded no samples to evaluate")
     iou = confusion.iou()

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from dynroute.models import BudgetLoss, BudgetSchedule, NetworkConfig, build_network
 from dynroute.models.losses import segmentation_loss
+from dynroute.platform import fast_path, ray_train
 from dynroute.platform import metrics as M
-from dynroute.platform import ray_train
 from dynroute.platform.dataset import ShardDataset
 from dynroute.platform.recipe import (
     TrainConfig,
@@ -67,6 +67,8 @@ class TrainSpec:
     checkpoint_every: int = 100
     log_every: int = 10
     max_failures: int = 2
+    stop_at: int | None = None  # pause after this step (a checkpoint there); a later call resumes
+    fast: bool = True  # the measured fast path of this device (fast_path.py); False: plain fp32
     bf16: bool = False
     channels_last: bool = False
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
@@ -118,10 +120,10 @@ def train_loop(config: dict) -> None:
     spec = TrainSpec.from_dict(config)
     recipe, net_config = spec.recipe, spec.network
     me = ray_train.worker()
+    layout = fast_path.for_training(me.device, fast=spec.fast, channels_last=spec.channels_last,
+                                    bf16=spec.bf16)
     torch.manual_seed(recipe.seed)  # the same initial weights on every worker
-    network = build_network(net_config)
-    if spec.channels_last:
-        network = network.to(memory_format=torch.channels_last)
+    network = layout.network(build_network(net_config))
     # On the device before the optimizer exists: its loaded state then lands beside the params.
     network = network.to(me.device)
     cost = network.cost_model(*recipe.crop)  # C_all at the training resolution
@@ -147,7 +149,8 @@ def train_loop(config: dict) -> None:
 
     sums = torch.zeros(5, dtype=torch.float64)  # seg, budget, expected FLOPs, grad norm, count
     started, last_metrics = time.monotonic(), {}
-    while step < recipe.iterations:
+    end = recipe.iterations if spec.stop_at is None else min(spec.stop_at, recipe.iterations)
+    while step < end:
         epoch, skip = divmod(step, per_epoch)
         dataset.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=recipe.batch_size, drop_last=True,
@@ -155,12 +158,12 @@ def train_loop(config: dict) -> None:
         for i, batch in enumerate(loader):
             if i < skip:
                 continue  # resumed mid-epoch: these batches were trained before the failure
-            if step >= recipe.iterations or i >= per_epoch:
+            if step >= end or i >= per_epoch:
                 break
             lr = set_lr(optimizer, step, recipe)
             progress = step / recipe.iterations
             seg, budget_value, expected, norm = _step(model, batch, me.device, network, cost,
-                                                      budget, optimizer, recipe, spec, progress)
+                                                      budget, optimizer, recipe, layout, progress)
             step += 1
             sums += torch.tensor([seg, budget_value, expected, norm, 1.0], dtype=torch.float64)
             if step % spec.log_every == 0 or step == recipe.iterations:
@@ -170,19 +173,20 @@ def train_loop(config: dict) -> None:
                 if me.is_chief:
                     line = _progress_line(last_metrics, step, recipe.iterations, started)
                     print(line, flush=True)
-            if step % spec.checkpoint_every == 0 or step == recipe.iterations:
+            if step % spec.checkpoint_every == 0 or step == end:
                 _checkpoint(network, optimizer, step, run_id, spec, me, last_metrics)
         skip = 0
     if me.is_chief:
-        _finish_tracking(tracker, network, recipe)
+        if step >= recipe.iterations:
+            _finish_tracking(tracker, network, recipe)
+        else:  # paused (stop_at): the run goes on when training resumes
+            tracker.flush()
 
 
-def _step(model, batch, device, network, cost, budget, optimizer, recipe, spec, progress):
-    images = batch["image"].to(device, non_blocking=True)
+def _step(model, batch, device, network, cost, budget, optimizer, recipe, layout, progress):
+    images = layout.images(batch["image"].to(device, non_blocking=True))
     labels = batch["label"].to(device, non_blocking=True)
-    if spec.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=spec.bf16):
+    with layout.autocast(device):
         out = model(images, progress=progress)
         seg = segmentation_loss(out.logits.float(), labels)
         expected = cost.expected({k: v.float() for k, v in out.gates.items()})

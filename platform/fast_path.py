@@ -1,0 +1,58 @@
+"""The fast paths users get by default, and the switch that turns them off (issue 7).
+
+Chosen from `benchmarks/gpu_bench.py` on one H100 (torch 2.11, L=16, C₀=64; the full table is in
+benchmarks/results/gpu_bench-h100-2026-11-27.log), each against our eager fp32 baseline:
+
+    training, batch 8 of 768×768     channels-last fp32   1.30× images/s, same numerics (fp32)
+                                     bf16 autocast        1.04×; with channels-last 1.05×: not
+                                                          worth its rounding, so it stays opt-in
+    inference, batch 1, 1024×2048    channels-last fp32   1.33× lower latency, logits within TF32
+                                                          rounding (1e-3) of the baseline
+
+On a CPU channels-last inference measured 1.14× (batch 1) and 1.22× (batch 8) at small sizes, so
+inference takes it everywhere; CPU training was not measured faster, so training takes it on CUDA
+only. bf16 remains a separate opt-in (`run.bf16`). Everything here changes the memory layout of
+the same fp32 arithmetic: tests on CPU prove the fast and plain paths compute the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """How a network and its inputs are laid out and cast on one device."""
+
+    channels_last: bool = False
+    bf16: bool = False  # autocast; weights and optimizer stay fp32
+
+    def network(self, network: nn.Module) -> nn.Module:
+        """The network in this layout (in place, like `Module.to`)."""
+        if self.channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        return network
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """A (B, 3, H, W) batch in this layout."""
+        if self.channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+def for_training(device: torch.device, *, fast: bool = True, channels_last: bool = False,
+                 bf16: bool = False) -> FastPath:
+    """Training: channels-last on CUDA unless `fast` is off; explicit settings always apply."""
+    return FastPath(channels_last=channels_last or (fast and device.type == "cuda"), bf16=bf16)
+
+
+def for_inference(device: torch.device, *, fast: bool = True) -> FastPath:
+    """Inference: channels-last unless `fast` is off."""
+    del device  # measured faster on CUDA and on CPU alike
+    return FastPath(channels_last=fast)

@@ -1,0 +1,129 @@
+"""The fast paths (issue 7) compute what the plain paths compute: same training step, same
+evaluation, and they are what users get unless they turn them off."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynroute.models import BudgetLoss, NetworkConfig, build_network
+from dynroute.models.losses import segmentation_loss
+from dynroute.pipelines.params import Params
+from dynroute.pipelines.prepare import prepare
+from dynroute.pipelines.run import train_spec
+from dynroute.pipelines.synth import synthesize
+from dynroute.platform import fast_path
+from dynroute.platform.dataset import ShardDataset
+from dynroute.platform.evaluation import evaluate, infer
+from dynroute.platform.recipe import TrainConfig, build_optimizer, clip_gradients
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+
+
+def diverse_network(seed: int = 0):
+    """A small network whose gates close some paths and differ from image to image."""
+    torch.manual_seed(seed)
+    net = build_network(NetworkConfig(layers=4, base_channels=8, num_classes=19))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for node in net.nodes.values():
+            final = node.gate.features[-1]
+            final.weight.copy_(torch.randn(final.weight.shape, generator=g) * 3)
+            final.bias.zero_()
+    return net
+
+
+def test_defaults_are_the_fast_paths_and_can_be_turned_off():
+    assert fast_path.for_training(CUDA) == fast_path.FastPath(channels_last=True)
+    assert fast_path.for_training(CPU) == fast_path.FastPath()  # not measured faster on CPU
+    assert fast_path.for_training(CUDA, fast=False) == fast_path.FastPath()
+    assert fast_path.for_training(CPU, fast=False, channels_last=True, bf16=True) == \
+        fast_path.FastPath(channels_last=True, bf16=True)  # explicit settings always apply
+    assert fast_path.for_inference(CPU).channels_last
+    assert not fast_path.for_inference(CUDA, fast=False).channels_last
+    params = Params()
+    assert params.run.fast and params.evaluate.fast
+    assert train_spec(params, data="d", uri=None).fast
+
+
+def test_fast_and_plain_inference_give_the_same_logits_and_routes():
+    net = diverse_network().eval()
+    torch.manual_seed(1)
+    images = torch.randn(4, 3, 64, 96) * 40 + torch.randn(4, 3, 1, 1) * 60
+    layout = fast_path.for_inference(CPU)
+    fast_net = layout.network(copy.deepcopy(net))
+    convs = [p for p in fast_net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    with torch.inference_mode():
+        plain = net(images)
+        fast = fast_net(layout.images(images))
+    torch.testing.assert_close(fast.logits, plain.logits, rtol=1e-4, atol=1e-4)
+    closed = 0
+    for node, alpha in plain.gates.items():
+        torch.testing.assert_close(fast.gates[node], alpha, rtol=1e-4, atol=1e-5)
+        assert torch.equal(fast.gates[node] > 1e-4, alpha > 1e-4), f"route differs at {node}"
+        closed += int((alpha <= 1e-4).sum())
+    assert closed > 0, "the check needs closed paths"
+
+
+def test_fast_and_plain_training_steps_compute_the_same_thing():
+    recipe = TrainConfig(iterations=3, crop=(64, 64), budget="dynamic-a")
+    torch.manual_seed(2)
+    images, labels = torch.randn(2, 3, 64, 64) * 50, torch.randint(0, 19, (2, 64, 64))
+    losses = {}
+    grads = {}
+    for name, layout in (("plain", fast_path.FastPath()),
+                         ("fast", fast_path.FastPath(channels_last=True))):
+        net = layout.network(diverse_network(seed=3).train())
+        convs = [p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+        form = torch.channels_last if layout.channels_last else torch.contiguous_format
+        assert convs and all(p.is_contiguous(memory_format=form) for p in convs)
+        if layout.channels_last:
+            assert not all(p.is_contiguous() for p in convs), "the fast net is really converted"
+        cost = net.cost_model(64, 64)
+        budget = BudgetLoss(lambda2=0.8, mu=0.1, c_all=cost.all_open_expected())
+        optimizer = build_optimizer(net, recipe)
+        losses[name] = []
+        for step in range(3):
+            out = net(layout.images(images), progress=step / 3)
+            loss = segmentation_loss(out.logits, labels) + budget(cost.expected(out.gates), 0.5)
+            optimizer.zero_grad()
+            loss.backward()
+            if step == 0:
+                grads[name] = torch.cat([p.grad.flatten() for p in net.parameters()
+                                         if p.grad is not None])
+            clip_gradients(net.parameters(), recipe.grad_clip)
+            optimizer.step()
+            losses[name].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses["fast"]), torch.tensor(losses["plain"]),
+                               rtol=1e-4, atol=1e-5)
+    rel = (grads["fast"] - grads["plain"]).norm() / grads["plain"].norm()
+    assert rel < 1e-3, f"first-step gradients differ by {rel:.2e}"
+
+
+@pytest.fixture(scope="module")
+def val_set(tmp_path_factory) -> ShardDataset:
+    root = tmp_path_factory.mktemp("fast-eval")
+    synthesize("cityscapes", root / "raw", train=1, val=4, height=64, width=128, seed=4)
+    prepare("cityscapes", root / "raw", root / "prepared", workers=1)
+    return ShardDataset(root=str(Path(root / "prepared")), split="val", train=False, crop=None)
+
+
+def test_fast_and_plain_evaluation_agree_and_the_layout_is_handed_back(val_set):
+    net = diverse_network(seed=5)
+    names = [f"c{k}" for k in range(19)]
+    kwargs = {"num_classes": 19, "class_names": names, "cost_resolution": (1024, 2048)}
+    plain = evaluate(net, val_set, fast=False, **kwargs)
+    fast = evaluate(net, val_set, **kwargs)
+    assert plain.confusion.matrix.tolist() == fast.confusion.matrix.tolist()
+    assert [r.gflops for r in plain.per_image] == [r.gflops for r in fast.per_image]
+    assert plain.gate_probability == fast.gate_probability
+    weights = [p for p in net.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous() for p in weights), "evaluate leaves the network as it found it"
+    sample = next(iter(val_set))
+    with torch.inference_mode():
+        logits = infer(net, sample["image"][None]).logits
+    assert logits.is_contiguous()
