@@ -1,4 +1,7 @@
-# Two entry points for people and CI; each sets up what it needs first.
+# Entry points for people and CI; each sets up what it needs first.
+#   make run     install (if needed), run the whole pipeline on the embedded synthetic data
+#                (dvc repro: synth → prepare → train → evaluate → tune → pareto → register),
+#                then print what it produced
 #   make test    install (if needed), lint, run the test suite (what CI runs)
 #   make bench   the benchmarks at full size (minutes on a 2-core CPU)
 PYTHON ?= python3
@@ -6,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench clean
+.PHONY: install run test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+run: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/dynroute report
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

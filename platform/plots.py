@@ -1,4 +1,5 @@
-"""Pictures of the routing lattice: how often each path opened (paper Fig. 5) and single routes.
+"""Pictures of the routing lattice: how often each path opened (paper Fig. 5), single routes, and
+the way one image went through the network (read off its gates).
 
 The lattice is drawn with rows left to right (the init cell first, at x = -1) and scales top to
 bottom (1/4 at the top, 1/32 at the bottom); a path is a segment from its cell to the cell it feeds
@@ -10,7 +11,8 @@ written atomically (temporary file, then rename).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path as FilePath
 
 from matplotlib import colormaps
@@ -20,7 +22,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from dynroute.models.routes import Route
+from dynroute.models.routes import Route, RouteError
 from dynroute.models.routing_space import INIT_ROW, NUM_SCALES, NodeId, Path, RoutingSpace
 
 SCALE_NAMES = ("1/4", "1/8", "1/16", "1/32")
@@ -133,4 +135,133 @@ def plot_route(route: Route, out: FilePath, *, title: str = "") -> FilePath:
                zorder=3)
     ax.set_title(title or f"Route {route.name} ({len(route.paths)} paths, "
                           f"{len(route.cells)} cells)")
+    return _save(fig, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The route one image took
+
+
+@dataclass(frozen=True)
+class TakenRoute:
+    """Where one image went through a routing network, read off its gates.
+
+    A cell whose paths all closed passes its input on unchanged along its keep path (Eq. 5–6);
+    such a *skipped* cell makes the set of open paths an invalid `Route` (an open path then leads
+    to a cell with no path out), so the taken route is kept as plain sets.
+
+    Attributes:
+        layers: L, the rows of the routing space.
+        open_paths: paths whose gate α exceeded the closed threshold at a reached cell.
+        reached: cells that received the image's features (the init cell included).
+        skipped: reached cells with every path closed.
+        passed_on: keep paths along which skipped cells handed their input on unchanged.
+        decoder_scales: scales whose features reached the decoder.
+    """
+
+    layers: int
+    open_paths: frozenset[Path]
+    reached: frozenset[NodeId]
+    skipped: frozenset[NodeId]
+    passed_on: frozenset[Path]
+    decoder_scales: tuple[int, ...]
+
+    def as_route(self, name: str = "taken") -> Route | None:
+        """The open paths as a `Route`, or None when they do not form a valid one."""
+        if not self.open_paths:
+            return None
+        try:
+            return Route(self.layers, self.open_paths, name=name)
+        except RouteError:
+            return None
+
+
+def taken_route(route: Route, gates: Mapping[NodeId, Sequence], *, threshold: float,
+                sample: int = 0) -> TakenRoute:
+    """The route sample `sample` of a batch took, from the network's hard-routing gates.
+
+    Args:
+        route: the network's route (`network.route`): which paths each cell has.
+        gates: `RoutingOutput.gates`, node → α (B, g) in `route.paths_of(node)` order; cells the
+            sample never reached hold zeros.
+        threshold: a path is open when α > threshold (`network.closed_threshold`).
+        sample: which row of the batch.
+
+    Returns:
+        Open paths, reached and skipped cells and the decoder inputs, found by following the
+        features from the init cell row by row (α alone cannot tell an unreached cell from a
+        skipped one: both have every α at zero).
+    """
+    reached = {(INIT_ROW, 0)}
+    opened: set[Path] = set()
+    skipped: set[NodeId] = set()
+    passed: set[Path] = set()
+    for node in route.space.nodes(include_init=True):  # row by row: targets come later
+        if node not in reached:
+            continue
+        paths = route.paths_of(node)
+        if not paths:
+            continue
+        if node not in gates:
+            raise ValueError(f"no gates for cell {node}, which the features reached; pass the "
+                             f"gates of the network whose route this is")
+        alpha = [float(a) for a in gates[node][sample]]
+        if len(alpha) != len(paths):
+            raise ValueError(f"gates of cell {node} have {len(alpha)} columns; its route has "
+                             f"{len(paths)} paths ({', '.join(map(str, paths))})")
+        out = [p for p, a in zip(paths, alpha, strict=True) if a > threshold]
+        if not out:
+            skipped.add(node)
+            out = [p for p in paths if p.direction == "keep"]
+            passed.update(out)
+        else:
+            opened.update(out)
+        reached.update(p.target for p in out)
+    decoder = tuple(sorted(k for row, k in reached if row == route.layers))
+    return TakenRoute(layers=route.layers, open_paths=frozenset(opened),
+                      reached=frozenset(n for n in reached if n[0] < route.layers),
+                      skipped=frozenset(skipped), passed_on=frozenset(passed),
+                      decoder_scales=decoder)
+
+
+def plot_taken_route(taken: TakenRoute, out: FilePath, *, title: str = "") -> FilePath:
+    """The route one image took: open paths as lines, input passed on by skipped cells dashed,
+    reached cells filled, skipped cells hollow, unreached cells faint.
+
+    Works for any set of open paths, including ones that are not a valid `Route`.
+
+    Args:
+        taken: from `taken_route`.
+        out: the PNG to write.
+        title: figure title; default a count of paths and cells.
+
+    Returns:
+        `out`.
+    """
+    layers = taken.layers
+    fig, ax = _figure(layers)
+    for path in sorted(taken.open_paths):
+        xs, ys = _segment(path)
+        ax.plot(xs, ys, color="tab:blue", linewidth=2.2, solid_capstyle="round", zorder=1)
+    for path in sorted(taken.passed_on):
+        xs, ys = _segment(path)
+        ax.plot(xs, ys, color="gray", linewidth=1.4, linestyle=(0, (2, 2)), zorder=1)
+    space = RoutingSpace(layers)
+    off = [n for n in space.nodes(include_init=True) if n not in taken.reached]
+    ax.scatter([_xy(n)[0] for n in off], [_xy(n)[1] for n in off], s=10, color=FAINT, zorder=2)
+    ran = sorted(taken.reached - taken.skipped)
+    ax.scatter([_xy(n)[0] for n in ran], [_xy(n)[1] for n in ran], s=40, color="tab:orange",
+               edgecolors="black", linewidths=0.6, zorder=3, label="cell ran")
+    if taken.skipped:
+        hollow = sorted(taken.skipped)
+        ax.scatter([_xy(n)[0] for n in hollow], [_xy(n)[1] for n in hollow], s=40,
+                   facecolors="white", edgecolors="tab:orange", linewidths=1.4, zorder=3,
+                   label="cell skipped")
+    fed = taken.decoder_scales
+    ax.scatter([layers] * len(fed), [-k for k in fed], marker="s", s=40, color="dimgray",
+               zorder=3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
+    ax.set_title(title or f"Route taken ({len(taken.open_paths)} open paths, "
+                          f"{len(taken.reached) - len(taken.skipped)} cells ran, "
+                          f"{len(taken.skipped)} skipped)")
     return _save(fig, out)

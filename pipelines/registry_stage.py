@@ -1,0 +1,73 @@
+"""Stage handlers of the Pareto-aware registry: params.yaml → `platform.registry` → files.
+
+`run_register` is the `register` DVC stage (pareto.json → registered versions, registry.json);
+`run_select` and `run_predict` back the `dynroute select` and `dynroute predict` commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from dynroute.pipelines.params import Params
+from dynroute.platform.registry import (
+    CLASSES,
+    Prediction,
+    RegistryError,
+    RegistryState,
+    Selection,
+    model_name,
+    predict,
+    register_front,
+    select_version,
+)
+
+
+def _require(uri: str | None) -> str:
+    if uri is None:
+        raise RegistryError("the model registry lives in MLflow but tracking.uri is 'none'; set "
+                            "it to 'local' or a tracking server's URI in params.yaml")
+    return uri
+
+
+def run_register(params: Params, *, pareto: Path, uri: str | None, out: Path) -> RegistryState:
+    """Register the front of `pareto` (pareto.json) and write the summary to `out` atomically."""
+    state = register_front(pareto, tracking_uri=_require(uri), name=params.registry.name,
+                           budget_edges=params.registry.budget_edges)
+    state.write(out)
+    return state
+
+
+def run_select(params: Params, *, uri: str | None, max_gflops: float,
+               min_miou: float | None = None, dataset: str | None = None) -> Selection | None:
+    """The best front version within `max_gflops` (and above `min_miou`), or None.
+
+    The registered model is `registry.name` filled with `dataset` (default `data.dataset`).
+    """
+    name = model_name(params.registry.name, dataset or params.data.dataset)
+    return select_version(tracking_uri=_require(uri), name=name, max_gflops=max_gflops,
+                          min_miou=min_miou)
+
+
+def infer_dataset(num_classes: int) -> str:
+    """The dataset a network of `num_classes` outputs was trained on (19 Cityscapes, 21 VOC)."""
+    for dataset, classes in CLASSES.items():
+        if classes == num_classes:
+            return dataset
+    raise RegistryError(f"a network with {num_classes} classes matches no known dataset "
+                        f"({', '.join(f'{d}: {c}' for d, c in CLASSES.items())}); pass --dataset")
+
+
+def run_predict(params: Params, *, model: str, images: Sequence[Path], out: Path,
+                uri: str | None, dataset: str | None = None) -> Prediction:
+    """Load `model` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/… or a checkpoint folder)
+    and write a colour mask, a route drawing and predictions.json for `images` into `out`.
+
+    `dataset` defaults to the one the network's class count implies; `params` is unused (the
+    model carries its own configuration) and kept for a uniform handler signature.
+    """
+    from dynroute.pipelines.run import load_model
+
+    network, source = load_model(model, tracking_uri=uri)
+    return predict(network, list(images), out,
+                   dataset=dataset or infer_dataset(network.num_classes), model=source)

@@ -1,0 +1,199 @@
+"""`dynroute register / select / predict` end to end: a real MLflow server on 127.0.0.1, real
+logged models of a tiny network, a params.yaml pointing at the server.
+
+Commands run in-process through Typer's CliRunner (fast); `select --json` also runs as the
+installed console script, so its stdout is proven to be clean JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from cityscapesscripts.helpers.labels import trainId2label
+from PIL import Image
+from typer.testing import CliRunner
+
+from dynroute.models import NetworkConfig, build_network
+from dynroute.pipelines.cli import app
+from dynroute.platform.pareto import Point, write_front
+from dynroute.platform.tracking import MlflowServer, Tracker
+
+DYNROUTE = shutil.which("dynroute", path=str(Path(sys.executable).parent)) or "dynroute"
+# Trial → (mIoU, mean GFLOPs); c is dominated by b.
+FIGURES = {"a": (0.50, 2.0), "b": (0.62, 6.0), "c": (0.58, 9.0)}
+MODEL = "cli-cityscapes"
+pytestmark = pytest.mark.slow  # one MLflow server for the module (~15 s to start)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    params: Path
+    pareto: Path
+    server: MlflowServer
+    run_ids: dict[str, str]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
+    root = tmp_path_factory.mktemp("project")
+    with MlflowServer(root=root / "mlruns") as server:
+        tracker = Tracker(uri=server.uri, experiment="cli")
+        example = np.zeros((1, 3, 32, 32), dtype=np.float32)
+        logits = np.zeros((1, 19, 32, 32), dtype=np.float32)
+        run_ids = {}
+        for i, trial in enumerate(FIGURES):
+            torch.manual_seed(i)
+            network = build_network(NetworkConfig(layers=4, base_channels=4, num_classes=19))
+            with tracker.run(run_name=f"trial-{trial}") as run_id:
+                tracker.log_model(network.eval(), name="model", input_example=example,
+                                  output_example=logits, pip_requirements=["torch"])
+            run_ids[trial] = run_id
+        params = root / "params.yaml"
+        params.write_text(yaml.safe_dump({
+            "data": {"dataset": "cityscapes"},
+            "tracking": {"uri": server.uri, "experiment": "cli"},
+            "registry": {"name": "cli-{dataset}", "budget_edges": [3.0, 7.5]}}))
+        points = [Point(t, miou, gflops, {
+            "number": i, "study": "cli-study", "state": "COMPLETE",
+            "params": {"train.lambda2": 0.2, "train.mu": 0.1 * i}, "lambda2": 0.2, "mu": 0.1 * i,
+            "iterations": 10, "gflops_max": gflops + 1, "gflops_min": gflops - 1,
+            "gflops_p50": gflops, "gflops_p90": gflops + 0.5, "cost_resolution": [64, 128],
+            "checkpoint": None, "mlflow_run_id": run_ids[t],
+            "model_uri": f"runs:/{run_ids[t]}/model", "data_hash": "h" * 64,
+            "git_commit": "g" * 40, "dataset": "cityscapes"})
+            for i, (t, (miou, gflops)) in enumerate(FIGURES.items())]
+        pareto = root / "metrics" / "pareto.json"
+        write_front(pareto, pareto.with_suffix(".csv"), points)
+        yield Workspace(root=root, params=params, pareto=pareto, server=server,
+                        run_ids=run_ids)
+
+
+@pytest.fixture(scope="module")
+def registered(workspace: Workspace) -> dict:
+    """`dynroute register` once, from the project folder with the default paths."""
+    import os
+
+    cwd = Path.cwd()
+    os.chdir(workspace.root)
+    try:
+        result = invoke("register", "--params", workspace.params)
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return {"stdout": result.stdout,
+            "summary": json.loads((workspace.root / "metrics" / "registry.json").read_text())}
+
+
+def test_register_prints_the_table_and_writes_registry_json(workspace, registered):
+    summary = registered["summary"]
+    assert summary["name"] == MODEL
+    rows = {row["trial"]: row for row in summary["versions"]}
+    assert set(rows) == {"a", "b"}  # c is dominated
+    assert rows["a"]["miou"] == 0.50 and rows["b"]["gflops_mean"] == 6.0
+    assert rows["a"]["run_id"] == workspace.run_ids["a"]
+    assert summary["aliases"] == {
+        "best-miou": rows["b"]["version"], "min-gflops": rows["a"]["version"],
+        "knee": summary["aliases"]["knee"], "le-3g": rows["a"]["version"],
+        "le-7p5g": rows["b"]["version"]}
+    assert summary["aliases"]["knee"] in {rows["a"]["version"], rows["b"]["version"]}
+    assert summary["budget_edges"] == [3.0, 7.5] and summary["automatic_edges"] is False
+
+    out = registered["stdout"]
+    assert f"registered model {MODEL}: 2 versions on the front (2 new" in out
+    for trial, row in rows.items():
+        line = next(ln for ln in out.splitlines() if ln.split()[:2] == [row["version"], trial])
+        assert all(alias in line for alias in row["aliases"]) and "true" in line
+
+    again = invoke("register", "--params", workspace.params, "--pareto", workspace.pareto,
+                   "--out", workspace.root / "again.json")
+    assert again.exit_code == 0, again.output
+    assert "(0 new" in again.stdout
+    second = json.loads((workspace.root / "again.json").read_text())
+    assert second["versions"] == summary["versions"] and second["aliases"] == summary["aliases"]
+
+
+def test_register_with_a_bad_pareto_file_fails_clearly(workspace, tmp_path):
+    document = json.loads(workspace.pareto.read_text())
+    del document["front"][0]["meta"]["dataset"]
+    bad = tmp_path / "pareto.json"
+    bad.write_text(json.dumps(document))
+    result = invoke("register", "--params", workspace.params, "--pareto", bad,
+                    "--out", tmp_path / "registry.json")
+    assert result.exit_code == 1
+    assert f"{bad}: front[0] (trial 'a') has no key 'meta.dataset'" in result.stderr
+    assert not (tmp_path / "registry.json").exists()
+    result = invoke("register", "--params", workspace.params, "--pareto", tmp_path / "none.json")
+    assert result.exit_code == 1 and "none.json does not exist" in result.stderr
+
+
+def test_select_prints_the_choice_as_text_and_as_json(workspace, registered):
+    versions = {row["trial"]: row["version"] for row in registered["summary"]["versions"]}
+    text = invoke("select", "--params", workspace.params, "--max-gflops", "6.5")
+    assert text.exit_code == 0, text.output
+    assert f"{MODEL} version {versions['b']}: models:/{MODEL}/{versions['b']}" in text.stdout
+    assert "mIoU 0.6200" in text.stdout and "64x128" in text.stdout
+
+    done = subprocess.run([DYNROUTE, "select", "--params", str(workspace.params),
+                           "--max-gflops", "5", "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    chosen = json.loads(done.stdout)
+    assert chosen["version"] == versions["a"]
+    assert chosen["uri"] == f"models:/{MODEL}/{versions['a']}"
+    assert (chosen["miou"], chosen["gflops_mean"], chosen["trial"]) == (0.5, 2.0, "a")
+    assert "min-gflops" in chosen["aliases"]
+
+    high_bar = invoke("select", "--params", workspace.params, "--max-gflops", "5",
+                      "--min-miou", "0.6", "--json")
+    assert high_bar.exit_code == 1 and high_bar.stdout == ""
+    assert "no model on the registered front has mean GFLOPs <= 5 and mIoU >= 0.6" in \
+        high_bar.stderr
+    other = invoke("select", "--params", workspace.params, "--max-gflops", "5",
+                   "--dataset", "voc")
+    assert other.exit_code == 1 and "dynroute register" in other.stderr
+
+
+def test_predict_writes_a_colour_mask_and_a_route_drawing_per_image(workspace, registered,
+                                                                   tmp_path):
+    rng = np.random.default_rng(1)
+    street, field = tmp_path / "street.png", tmp_path / "field.jpg"
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(street)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).convert("L").save(field)
+    out = tmp_path / "predictions"
+    result = invoke("predict", "--params", workspace.params, "--model",
+                    f"models:/{MODEL}@knee", street, field, "--out", out)
+    assert result.exit_code == 0, result.output
+    colours = {tuple(trainId2label[k].color) for k in range(19)}
+    for image, size in ((street, (64, 48)), (field, (40, 30))):
+        with Image.open(out / f"{image.stem}_mask.png") as mask:
+            assert mask.size == size and mask.mode == "RGB"
+            assert {tuple(c) for c in np.asarray(mask).reshape(-1, 3)} <= colours
+        with Image.open(out / f"{image.stem}_route.png") as drawing:
+            assert drawing.format == "PNG" and drawing.size[0] > 300
+        assert str(out / f"{image.stem}_mask.png") in result.stdout
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["model"] == f"models:/{MODEL}@knee" and summary["dataset"] == "cityscapes"
+    assert [(r["height"], r["width"]) for r in summary["images"]] == [(48, 64), (30, 40)]
+    assert all(r["gflops"] > 0 and r["open_paths"] for r in summary["images"])
+
+    missing = invoke("predict", "--params", workspace.params, "--model",
+                     f"models:/{MODEL}@knee", tmp_path / "absent.png", "--out", out)
+    assert missing.exit_code == 1 and "absent.png does not exist" in missing.stderr
+    no_alias = invoke("predict", "--params", workspace.params, "--model",
+                      f"models:/{MODEL}@nope", street, "--out", out)
+    assert no_alias.exit_code == 1 and f"models:/{MODEL}@nope" in no_alias.stderr
