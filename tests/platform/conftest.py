@@ -4,8 +4,10 @@
 colour image of varying size with R = 10·i, G = 100, B = 200 and a constant label i mod 5, so a
 test can tell from any tensor which sample it got and where padding went.
 
-`s3` starts `moto_server` (a real S3-protocol server) on 127.0.0.1 once per module; every request
-stays on loopback.
+`s3_server` starts `moto_server` (a real S3-protocol server) on 127.0.0.1 once per module, `s3`
+also points this process's AWS environment at it, and `own_s3_server` starts one for a single test
+that may stop it (`server.stop()`); every request stays on loopback. `S3Server.env()` is the
+environment a subprocess (an MLflow server, a Ray driver, DVC) needs to reach it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +121,24 @@ S3_ENV = {
 @dataclass(frozen=True)
 class S3Server:
     endpoint: str  # http://127.0.0.1:PORT
+    _stop: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def env(self) -> dict[str, str]:
+        """Dummy credentials and this endpoint in the forms boto3/Arrow and MLflow read."""
+        return S3_ENV | {"AWS_ENDPOINT_URL_S3": self.endpoint,
+                         "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every key under `prefix` in `bucket`, sorted."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                         Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+    def stop(self) -> None:
+        """Stop the server (only one from `own_s3_server`; the shared one outlives the test)."""
+        if self._stop is None:
+            raise RuntimeError("this S3 server is shared by the module; use own_s3_server")
+        self._stop()
 
     def client(self):
         import boto3
@@ -153,14 +174,22 @@ def _answers(port: int) -> bool:
         conn.close()
 
 
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+@contextmanager
+def _moto_server(log: Path, *, stoppable: bool = False) -> Iterator[S3Server]:
     port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                  "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
                                 env=os.environ | S3_ENV)
+
+    def stop() -> None:
+        proc.terminate()  # our own child, by its pid
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     try:
         deadline = time.monotonic() + 30
         while not _answers(port):
@@ -168,14 +197,23 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
                 pytest.fail(f"moto_server did not start on 127.0.0.1:{port}: "
                             f"{log.read_text()[-2000:]}")
             time.sleep(0.1)
-        yield S3Server(endpoint=f"http://127.0.0.1:{port}")
+        yield S3Server(endpoint=f"http://127.0.0.1:{port}", _stop=stop if stoppable else None)
     finally:
-        proc.terminate()  # our own child, by its pid
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            stop()
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    with _moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture
+def own_s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """A server of this test's own, which the test may `stop()`."""
+    with _moto_server(tmp_path_factory.mktemp("moto") / "moto.log", stoppable=True) as server:
+        yield server
 
 
 @pytest.fixture
