@@ -10,14 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dynroute.pipelines.params import Params
+from dynroute.platform.predict import CLASSES, PredictError, Prediction, predict
 from dynroute.platform.registry import (
-    CLASSES,
-    Prediction,
     RegistryError,
     RegistryState,
     Selection,
     model_name,
-    predict,
     register_front,
     select_version,
 )
@@ -54,7 +52,7 @@ def infer_dataset(num_classes: int) -> str:
     for dataset, classes in CLASSES.items():
         if classes == num_classes:
             return dataset
-    raise RegistryError(f"a network with {num_classes} classes matches no known dataset "
+    raise PredictError(f"a network with {num_classes} classes matches no known dataset "
                         f"({', '.join(f'{d}: {c}' for d, c in CLASSES.items())}); pass --dataset")
 
 
@@ -63,11 +61,12 @@ def run_predict(params: Params, *, model: str, images: Sequence[Path], out: Path
     """Load `model` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/… or a checkpoint folder)
     and write a colour mask, a route drawing and predictions.json for `images` into `out`.
 
-    `dataset` defaults to the one the network's class count implies; `params` is unused (the
-    model carries its own configuration) and kept for a uniform handler signature.
+    `dataset` defaults to the one the network's class count implies; the model carries its own
+    configuration, `params` gives the fast path (evaluate.fast).
     """
     from dynroute.pipelines.run import load_model
 
     network, source = load_model(model, tracking_uri=uri)
     return predict(network, list(images), out,
-                   dataset=dataset or infer_dataset(network.num_classes), model=source)
+                   dataset=dataset or infer_dataset(network.num_classes), model=source,
+                   fast=params.evaluate.fast)

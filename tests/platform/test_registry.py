@@ -24,11 +24,11 @@ from dynroute.models.routing_space import Path as RoutePath
 from dynroute.platform.evaluation import voc_palette
 from dynroute.platform.pareto import Point, summarize, write_front
 from dynroute.platform.plots import plot_taken_route, taken_route
+from dynroute.platform.predict import PredictError, predict
 from dynroute.platform.registry import (
     RegistryError,
     automatic_budget_edges,
     load_front,
-    predict,
     register_front,
     select_version,
 )
@@ -423,9 +423,9 @@ def test_predict_voc_palette_and_errors(tmp_path):
     assert not (tmp_path / "fail").exists()  # checked before any work
     text = tmp_path / "in" / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(RegistryError, match=r"notes\.png is not a PNG or JPEG"):
+    with pytest.raises(PredictError, match=r"notes\.png is not a PNG or JPEG"):
         predict(network, [text], tmp_path / "fail", dataset="cityscapes")
-    with pytest.raises(RegistryError, match="19 classes but voc has 21"):
+    with pytest.raises(PredictError, match="19 classes but voc has 21"):
         predict(network, images, tmp_path / "fail", dataset="voc")
     # Two images with the same stem do not overwrite each other.
     twin = tmp_path / "other" / "street.png"
