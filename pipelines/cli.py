@@ -204,6 +204,9 @@ def train_command(
     iterations: Annotated[int | None, typer.Option(help="Override train.iterations.")] = None,
     budget: Annotated[str | None, typer.Option(
         help="Override train.budget: dynamic-a/b/c, dynamic-raw, network-fix.")] = None,
+    fast: Annotated[bool | None, typer.Option(
+        "--fast/--no-fast", help="Override run.fast: the device's measured fast path "
+                                 "(channels-last on CUDA) or the plain fp32 layout.")] = None,
 ) -> None:
     """Train the network on Ray Train (in-process with 0 workers), tracked in MLflow."""
     from dataclasses import replace
@@ -215,7 +218,8 @@ def train_command(
     try:
         p = replace(p, run=replace(p.run, **{k: v for k, v in
                                              {"storage": storage, "name": name,
-                                              "workers": workers}.items() if v is not None}),
+                                              "workers": workers,
+                                              "fast": fast}.items() if v is not None}),
                     train=replace(p.train, **{k: v for k, v in
                                               {"iterations": iterations,
                                                "budget": budget}.items() if v is not None}))
@@ -239,11 +243,18 @@ def evaluate_command(
     = None,
     save_predictions: Annotated[bool, typer.Option(
         help="Write predictions (Cityscapes: label-id PNGs for the official scripts).")] = False,
+    fast: Annotated[bool | None, typer.Option(
+        "--fast/--no-fast", help="Override evaluate.fast: channels-last inference or the "
+                                 "plain layout (same results).")] = None,
 ) -> None:
     """mIoU, per-class IoU, real GFLOPs per image, gate usage and latency of a checkpoint."""
+    from dataclasses import replace
+
     from dynroute.pipelines.run import run_evaluation, tracking_uri
 
     p = _load_params(params)
+    if fast is not None:
+        p = replace(p, evaluate=replace(p.evaluate, fast=fast))
     try:
         with tracking_uri(p) as uri:
             result = run_evaluation(p, checkpoint=checkpoint, data=str(data), out=out,
@@ -255,3 +266,228 @@ def evaluate_command(
     typer.echo(f"mIoU {result.miou:.4f}, pixel accuracy {result.pixel_accuracy:.4f}, "
                f"GFLOPs mean {g.mean:.3f} (min {g.min:.3f}, max {g.max:.3f}) "
                f"at {result.cost_resolution[0]}x{result.cost_resolution[1]}; {out}")
+
+
+@app.command("pareto")
+def pareto_command(
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    trials: Annotated[Path | None, typer.Option(
+        help="The study's trials (default: {tune.results}/trials.json).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for pareto.json and pareto.csv.")]
+    = Path("metrics"),
+    plots: Annotated[Path, typer.Option(help="Folder for pareto.png and pareto.html.")]
+    = Path("artifacts/pareto"),
+) -> None:
+    """The Pareto front of the budget search (mIoU vs real GFLOPs), its knee and hypervolume."""
+    from dynroute.pipelines.pareto_stage import TrialsError, format_table, run_pareto
+    from dynroute.pipelines.run import tracking_uri
+
+    p = _load_params(params)
+    trials = trials or Path(p.tune.results) / "trials.json"
+    try:
+        with tracking_uri(p) as uri:
+            outputs = run_pareto(p, trials=trials, out=out, plots=plots, uri=uri)
+    except (TrialsError, ValueError, FileNotFoundError) as err:
+        raise fail(str(err)) from None
+    typer.echo(format_table(outputs))
+    typer.echo(f"written: {', '.join(str(f) for f in outputs.files.values())}")
+
+
+@app.command("report")
+def report_command(
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    metrics: Annotated[Path, typer.Option(help="The metrics folder of the pipeline.")]
+    = Path("metrics"),
+) -> None:
+    """What the main job produced: evaluation, Pareto front, registered versions, the UI."""
+    from dynroute.pipelines.report import report
+
+    typer.echo(report(_load_params(params), metrics=metrics))
+
+
+@app.command("ui")
+def ui_command(
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Serve the MLflow UI over the local tracking store (tracking.uri: local) until Ctrl-C."""
+    import time
+
+    from dynroute.platform.mlflow_server import MlflowServer, MlflowServerError
+
+    p = _load_params(params)
+    if p.tracking.uri != "local":
+        raise fail(f"tracking.uri is {p.tracking.uri!r}: open that server's UI instead")
+    try:
+        with MlflowServer(root=Path(p.tracking.dir), port=port) as server:
+            typer.echo(f"MLflow UI at {server.uri} (Ctrl-C stops it)")
+            while server.running:
+                time.sleep(1)
+    except MlflowServerError as err:
+        raise fail(str(err)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+# === registry: dynroute register / select / predict (the Pareto-aware model registry) ========
+# Handlers in dynroute.pipelines.registry_stage; library in dynroute.platform.registry.
+
+
+def _registry_errors() -> tuple[type[Exception], ...]:
+    from dynroute.platform.registry import SERVICE_ERRORS
+
+    return (ValueError, FileNotFoundError, *SERVICE_ERRORS)
+
+
+def _registry_figure(value: float, spec: str = ".4g") -> str:
+    return "-" if value != value else format(value, spec)  # NaN: a tag that was never written
+
+
+@app.command("register")
+def register_command(
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    pareto: Annotated[Path, typer.Option(help="The pareto stage's front (pareto.json).")]
+    = Path("metrics/pareto.json"),
+    out: Annotated[Path, typer.Option(help="Write the registry summary here (JSON).")]
+    = Path("metrics/registry.json"),
+) -> None:
+    """Register the Pareto front as versions of one model per dataset, with tags and aliases.
+
+    Idempotent: models already registered are found again; versions that left the front lose
+    the registry's aliases and are tagged pareto=false (nothing is deleted).
+    """
+    from dynroute.pipelines.registry_stage import run_register
+    from dynroute.pipelines.run import tracking_uri
+
+    p = _load_params(params)
+    try:
+        with tracking_uri(p) as uri:
+            state = run_register(p, pareto=pareto, uri=uri, out=out)
+    except _registry_errors() as err:
+        raise fail(str(err)) from None
+    front = [v for v in state.versions if v.pareto]
+    typer.echo(f"registered model {state.name}: {len(front)} versions on the front "
+               f"({len(state.created)} new, {len(state.returned)} back on it), "
+               f"{len(state.left_front)} left it; budget edges "
+               f"{', '.join(f'{e:g}' for e in state.budget_edges) or 'none'}"
+               f"{' (automatic)' if state.automatic_edges else ''}\n")
+    typer.echo(f"{'version':>7}  {'trial':<14}{'mIoU':>8}{'GFLOPs':>10}  {'pareto':<7}aliases")
+    for v in state.versions:
+        miou, gflops = _registry_figure(v.miou, ".4f"), _registry_figure(v.gflops_mean)
+        typer.echo(f"{v.version:>7}  {(v.trial or '-')[:13]:<14}{miou:>8}{gflops:>10}  "
+                   f"{str(v.pareto).lower():<7}{', '.join(v.aliases) or '-'}")
+    for warning in state.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"\nsummary: {out}")
+
+
+@app.command("select")
+def select_command(
+    max_gflops: Annotated[float, typer.Option(help="Budget: mean GFLOPs at most this.")],
+    min_miou: Annotated[float | None, typer.Option(help="Also require mIoU at least this.")]
+    = None,
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    dataset: Annotated[str | None, typer.Option(
+        help="Which dataset's registered model (default: data.dataset).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The most accurate registered front model within a GFLOPs budget (exit 1 if none fits)."""
+    from dynroute.pipelines.registry_stage import run_select
+    from dynroute.pipelines.run import tracking_uri
+
+    p = _load_params(params)
+    try:
+        with tracking_uri(p) as uri:
+            chosen = run_select(p, uri=uri, max_gflops=max_gflops, min_miou=min_miou,
+                                dataset=dataset)
+    except _registry_errors() as err:
+        raise fail(str(err)) from None
+    if chosen is None:
+        bound = f" and mIoU >= {min_miou:g}" if min_miou is not None else ""
+        raise fail(f"no model on the registered front has mean GFLOPs <= {max_gflops:g}{bound}; "
+                   f"raise the budget or see the front with `dynroute register`")
+    if as_json:
+        typer.echo(json.dumps(chosen.to_dict(), indent=2))
+        return
+    mean, low, high = (_registry_figure(g) for g in
+                       (chosen.gflops_mean, chosen.gflops_min, chosen.gflops_max))
+    typer.echo(f"{chosen.name} version {chosen.version}: {chosen.uri}\n"
+               f"mIoU {_registry_figure(chosen.miou, '.4f')}, GFLOPs mean {mean} (min {low}, "
+               f"max {high}) at {chosen.cost_resolution or '?'}; trial {chosen.trial or '-'}; "
+               f"aliases "
+               f"{', '.join(chosen.aliases) or '-'}")
+
+
+@app.command("predict")
+def predict_command(
+    model: Annotated[str, typer.Option(
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/… or a checkpoint folder.")],
+    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG images.")],
+    out: Annotated[Path, typer.Option(help="Folder for masks, route drawings and JSON.")]
+    = Path("predictions"),
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    dataset: Annotated[str | None, typer.Option(
+        help="cityscapes or voc (colours); default from the model's class count.")] = None,
+    fast: Annotated[bool | None, typer.Option(
+        "--fast/--no-fast", help="Override evaluate.fast: channels-last inference or the "
+                                 "plain layout (same results).")] = None,
+) -> None:
+    """Segment images with a registered model: colour mask + the route each image took."""
+    from dataclasses import replace
+
+    from dynroute.pipelines.registry_stage import run_predict
+    from dynroute.pipelines.run import tracking_uri
+
+    p = _load_params(params)
+    if fast is not None:
+        p = replace(p, evaluate=replace(p.evaluate, fast=fast))
+    try:
+        with tracking_uri(p) as uri:
+            result = run_predict(p, model=model, images=images, out=out, uri=uri,
+                                 dataset=dataset)
+    except _registry_errors() as err:
+        raise fail(str(err)) from None
+    for row in result.images:
+        skipped = f", {len(row.skipped_cells)} cells skipped" if row.skipped_cells else ""
+        typer.echo(f"{row.image}: {row.height}x{row.width}, {row.gflops:.4g} GFLOPs, "
+                   f"{len(row.open_paths)} open paths{skipped} → {out / row.mask}, "
+                   f"{out / row.route}")
+    typer.echo(f"summary: {out / 'predictions.json'}")
+# === end of the registry block ===============================================================
+
+
+# === tune: dynroute tune (the budget search) =================================================
+# Handler in dynroute.pipelines.tune_stage; library in dynroute.platform.tune (+ mo_asha).
+
+
+@app.command("tune")
+def tune_command(
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    resume: Annotated[bool, typer.Option(
+        help="Continue the study after an interruption: finished trials are kept, interrupted "
+             "ones resume from their checkpoints.")] = False,
+    num_samples: Annotated[int | None, typer.Option(
+        help="Override tune.num_samples (trials in all, earlier sessions included).")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Prepared dataset (default: data.prepared).")] = None,
+) -> None:
+    """Budget search: Optuna samples λ2, μ; Ray Tune trains and evaluates each trial; the
+    mIoU-vs-GFLOPs trials go to {tune.results}/trials.json (see the pareto stage)."""
+    from dataclasses import replace
+
+    from dynroute.pipelines.run import tracking_uri
+    from dynroute.pipelines.tune_stage import run_tune
+
+    p = _load_params(params)
+    if num_samples is not None:
+        p = replace(p, tune=replace(p.tune, num_samples=num_samples))
+    try:
+        with tracking_uri(p) as uri:
+            path = run_tune(p, data=str(data or p.data.prepared), uri=uri, resume=resume)
+    except (ValueError, FileNotFoundError) as err:
+        raise fail(str(err)) from None
+    trials = json.loads(path.read_text())["trials"]
+    states = {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAILED")}
+    typer.echo(f"study {p.tune.study}: {len(trials)} trials "
+               f"({', '.join(f'{n} {s.lower()}' for s, n in states.items())}); {path}")
+# === end of the tune block ===================================================================

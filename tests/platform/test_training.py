@@ -175,3 +175,41 @@ def test_training_is_tracked_in_mlflow(prepared, tmp_path):
         by_checkpoint = (tmp_path / "eval" / "metrics.json").read_text()
         by_model = (tmp_path / "eval-model" / "metrics.json").read_text()
         assert json.loads(by_model)["miou"] == json.loads(by_checkpoint)["miou"]
+
+
+@pytest.mark.slow
+def test_stop_at_pauses_and_a_second_call_resumes_to_the_end(prepared, tmp_path, capfd):
+    from dataclasses import replace
+
+    from mlflow.tracking import MlflowClient
+
+    from dynroute.platform.tracking import MlflowServer
+    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+
+    with MlflowServer(root=tmp_path / "mlruns") as server:
+        spec = TrainSpec(data=str(prepared), model={"layers": 4, "base_channels": 4},
+                         train={"iterations": 20, "batch_size": 2, "crop": [64, 64],
+                                "warmup_iterations": 2},
+                         name="pause", storage=str(tmp_path / "runs"), checkpoint_every=100,
+                         log_every=5, tracking=TrackingSpec(uri=server.uri, run_name="pause"))
+        client = MlflowClient(server.uri)
+        paused = train(replace(spec, stop_at=10))
+        assert paused.metrics["step"] == 10
+        assert Path(paused.checkpoint).name == "checkpoint_00000010"
+        experiment = client.get_experiment_by_name("dynroute")
+        [run] = client.search_runs([experiment.experiment_id])
+        assert run.info.status == "RUNNING", "a paused run is not finished"
+        assert not client.search_logged_models(experiment_ids=[experiment.experiment_id])
+        assert steps(capfd.readouterr().out) == [5, 10]
+
+        done = train(spec)
+        out = capfd.readouterr().out
+        assert "resumed from checkpoint at step 10" in out
+        assert steps(out) == [15, 20], "the step counter continues"
+        assert done.metrics["step"] == 20
+        [run] = client.search_runs([experiment.experiment_id])  # the same run, continued
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "loss_seg")
+        assert [m.step for m in history] == [5, 10, 15, 20]
+        models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+        assert [m.source_run_id for m in models] == [run.info.run_id], "logged once, at the end"

@@ -1,0 +1,75 @@
+"""The `tune` stage: params.yaml's `tune:` section → the budget search → `trials.json`.
+
+Thin on purpose: it resolves the settings (the trials' common training from `run.train_spec`,
+iterations, the evaluation split and cost resolution), calls `platform.tune.run_study` and shows
+progress: trial i of N with ETA, and the best trial so far.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from dynroute.pipelines.params import Params
+from dynroute.pipelines.progress import Progress
+from dynroute.pipelines.run import train_spec
+from dynroute.platform import metrics as M
+
+
+def search_spec(params: Params):
+    """The search settings of params.yaml (`tune.iterations` 0: `train.iterations`)."""
+    from dynroute.platform.tune import SearchSpec
+
+    t = params.tune
+    return SearchSpec(
+        study=t.study, storage=t.storage, results=t.results, num_samples=t.num_samples,
+        space=t.space, iterations=t.iterations or params.train.iterations,
+        seed_budgets=tuple(t.seed_budgets), seed=t.seed, max_concurrent=t.max_concurrent,
+        trial_cpus=t.trial_cpus, scheduler=t.scheduler, grace_period=t.grace_period,
+        reduction_factor=t.reduction_factor, max_gflops=t.max_gflops,
+        split=params.evaluate.split, cost_resolution=params.evaluate.cost_resolution,
+        max_failures=params.run.max_failures)
+
+
+class TrialProgress:
+    """After each trial: "trial i of N" of the study, this session's rate and ETA (Progress),
+    and the best trial so far (highest mIoU; in hard-budget mode, within max_gflops).
+    """
+
+    def __init__(self, label: str, *, max_gflops: float = 0.0,
+                 stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.progress = Progress(f"{label} this session", stream=self.stream, every=0.0)
+        self.max_gflops = max_gflops
+        self.best: dict | None = None
+        self.before: int | None = None  # trials the study had finished before this session
+
+    def __call__(self, entry: dict, done: int, total: int) -> None:
+        miou, gflops = entry.get(M.MIOU), entry.get(M.GFLOPS_MEAN)
+        fits = self.max_gflops <= 0 or (gflops is not None and gflops <= self.max_gflops)
+        if entry["state"] == "COMPLETE" and miou is not None and fits and (
+                self.best is None or miou > self.best[M.MIOU]):
+            self.best = entry
+        if self.before is None:
+            self.before = done - 1
+        self.progress(done - self.before, total - self.before)
+        line = f"  trial {done} of {total}, {entry['id']}: {entry['state']}"
+        if miou is not None and gflops is not None:
+            line += f" (mIoU {miou:.4f}, {gflops:.4g} GFLOPs at step {entry.get('step')})"
+        if self.best is not None:
+            line += (f"; best so far {self.best['id']}: mIoU {self.best[M.MIOU]:.4f} at "
+                     f"{self.best[M.GFLOPS_MEAN]:.4g} GFLOPs")
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def run_tune(params: Params, *, data: str, uri: str | None, resume: bool) -> Path:
+    """Run (or with `resume`, continue) the study of `params.tune`; the trials.json path."""
+    from dynroute.platform.tune import run_study
+
+    search = search_spec(params)
+    base = train_spec(params, data=data, uri=uri)
+    progress = TrialProgress(f"tune {search.study} ({search.mode})",
+                             max_gflops=search.max_gflops)
+    return run_study(search, base, resume=resume, on_trial=progress)
