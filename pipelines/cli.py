@@ -186,12 +186,23 @@ def data_prepare(
 
 
 def _load_params(path: Path):
+    """params.yaml with the endpoints the environment overrides (platform/settings.py):
+    MLFLOW_TRACKING_URI over tracking.uri, DYNROUTE_OPTUNA_STORAGE over tune.storage, `${VAR}`
+    resolved; the one S3 endpoint is exported in the forms Arrow, MLflow and DVC read."""
+    import os
+    from dataclasses import replace
+
     from dynroute.pipelines.params import ParamsError, load_params
+    from dynroute.platform.settings import Settings, SettingsError
 
     try:
-        return load_params(path)
-    except ParamsError as err:
+        params = load_params(path)
+        settings = Settings.render(params)
+    except (ParamsError, SettingsError) as err:
         raise fail(str(err)) from None
+    os.environ.update(settings.s3_env())
+    return replace(params, tracking=replace(params.tracking, uri=settings.tracking_uri),
+                   tune=replace(params.tune, storage=settings.optuna_storage))
 
 
 @app.command("train")
@@ -303,6 +314,21 @@ def report_command(
     from dynroute.pipelines.report import report
 
     typer.echo(report(_load_params(params), metrics=metrics))
+
+
+@app.command("settings")
+def settings_command(
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+) -> None:
+    """Every endpoint this run would use (Ray, storage, MLflow, S3, Optuna, DVC), secrets masked,
+    and where each came from."""
+    from dynroute.pipelines.params import ParamsError, load_params
+    from dynroute.platform.settings import Settings, SettingsError
+
+    try:
+        typer.echo(Settings.render(load_params(params)).describe())
+    except (ParamsError, SettingsError) as err:
+        raise fail(str(err)) from None
 
 
 @app.command("ui")

@@ -86,3 +86,25 @@ def test_broken_route_file_is_named_in_the_error(tmp_path):
     res = run("model", "summary", "--route", str(bad))
     assert res.returncode != 0
     assert "broken.json" in " ".join(res.stderr.split())
+
+
+def test_settings_show_every_endpoint_with_the_environment_winning_and_secrets_masked(tmp_path):
+    import os
+
+    (tmp_path / "params.yaml").write_text(
+        "tune:\n  storage: postgresql://optuna:${DB_PASSWORD}@127.0.0.1:5432/optuna\n")
+    env = os.environ | {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5999",
+                        "DB_PASSWORD": "hunter2-secret", "AWS_SECRET_ACCESS_KEY": "s3-secret"}
+    res = subprocess.run([DYNROUTE, "settings"], capture_output=True, text=True, cwd=tmp_path,
+                         env=env)
+    assert res.returncode == 0, res.stderr
+    assert "http://127.0.0.1:5999" in res.stdout and "MLFLOW_TRACKING_URI" in res.stdout
+    assert "postgresql://optuna:***@127.0.0.1:5432/optuna" in res.stdout
+    assert "hunter2" not in res.stdout + res.stderr and "s3-secret" not in res.stdout
+
+    (tmp_path / "params.yaml").write_text(
+        "tune:\n  storage: postgresql://optuna:plaintext@127.0.0.1:5432/optuna\n")
+    refused = subprocess.run([DYNROUTE, "settings"], capture_output=True, text=True,
+                             cwd=tmp_path)
+    assert refused.returncode == 1 and "tune.storage" in refused.stderr
+    assert "plaintext" not in refused.stderr
