@@ -1,7 +1,8 @@
 """Experiment tracking: a local MLflow server and the tracking facade training code talks to.
 
-This is the only module that imports `mlflow` (style.md, lesson 8): MLflow's APIs move between
-releases, and keeping every call in one file makes an upgrade a one-file change.
+With `registry.py` (the registry half of the API: versions, aliases, tags), this is the only module
+that imports `mlflow` (style.md, lesson 8): MLflow's APIs move between releases, and keeping the
+calls in two files makes an upgrade a two-file change.
 
 * `MlflowServer` runs a real `mlflow server` on 127.0.0.1 in its own process group (sqlite backend
   by default, because MLflow ≥ 3.13 refuses the plain file store; see platform.md, pitfall 6).
