@@ -205,6 +205,19 @@ def _load_params(path: Path):
                    tune=replace(params.tune, storage=settings.optuna_storage))
 
 
+# --fast/--no-fast of the commands that run inference (evaluate, predict)
+InferenceFast = Annotated[bool | None, typer.Option(
+    "--fast/--no-fast", help="Override evaluate.fast: channels-last inference or the plain "
+                             "layout (same results).")]
+
+
+def _with_inference_fast(params, fast: bool | None):
+    from dataclasses import replace
+
+    return params if fast is None else replace(params, evaluate=replace(params.evaluate,
+                                                                        fast=fast))
+
+
 @app.command("train")
 def train_command(
     data: Annotated[Path, typer.Option(help="Prepared dataset (path or s3:// URI).")],
@@ -254,18 +267,13 @@ def evaluate_command(
     = None,
     save_predictions: Annotated[bool, typer.Option(
         help="Write predictions (Cityscapes: label-id PNGs for the official scripts).")] = False,
-    fast: Annotated[bool | None, typer.Option(
-        "--fast/--no-fast", help="Override evaluate.fast: channels-last inference or the "
-                                 "plain layout (same results).")] = None,
+    fast: InferenceFast = None,
 ) -> None:
     """mIoU, per-class IoU, real GFLOPs per image, gate usage and latency of a checkpoint."""
-    from dataclasses import replace
 
     from dynroute.pipelines.run import run_evaluation, tracking_uri
 
-    p = _load_params(params)
-    if fast is not None:
-        p = replace(p, evaluate=replace(p.evaluate, fast=fast))
+    p = _with_inference_fast(_load_params(params), fast)
     try:
         with tracking_uri(p) as uri:
             result = run_evaluation(p, checkpoint=checkpoint, data=str(data), out=out,
@@ -454,19 +462,14 @@ def predict_command(
     params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
     dataset: Annotated[str | None, typer.Option(
         help="cityscapes or voc (colours); default from the model's class count.")] = None,
-    fast: Annotated[bool | None, typer.Option(
-        "--fast/--no-fast", help="Override evaluate.fast: channels-last inference or the "
-                                 "plain layout (same results).")] = None,
+    fast: InferenceFast = None,
 ) -> None:
     """Segment images with a registered model: colour mask + the route each image took."""
-    from dataclasses import replace
 
     from dynroute.pipelines.registry_stage import run_predict
     from dynroute.pipelines.run import tracking_uri
 
-    p = _load_params(params)
-    if fast is not None:
-        p = replace(p, evaluate=replace(p.evaluate, fast=fast))
+    p = _with_inference_fast(_load_params(params), fast)
     try:
         with tracking_uri(p) as uri:
             result = run_predict(p, model=model, images=images, out=out, uri=uri,

@@ -1,5 +1,6 @@
-"""`dvc repro` of synth → prepare → train → evaluate, as a user runs it from a fresh clone
-(real DVC, real git)."""
+"""`dvc repro` of the whole pipeline (synth → prepare → train → evaluate → tune → pareto →
+register), as a user runs it from a fresh clone (real DVC, real git, a real local MLflow server
+per stage, a real Ray Tune + Optuna study)."""
 
 import json
 import os
@@ -39,7 +40,8 @@ def checkout(dest: Path) -> Path:
                        "warmup_iterations": 2}
     params["run"] = params.get("run", {}) | {"checkpoint_every": 3, "log_every": 3}
     params["evaluate"] = {"cost_resolution": [64, 128]}
-    params["tracking"] = {"uri": "none"}
+    params["tracking"] = {"uri": "local", "dir": "mlruns"}
+    params["tune"] |= {"num_samples": 3, "iterations": 4, "max_concurrent": 1}
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
@@ -65,6 +67,22 @@ def test_repro_is_reproducible_incremental_and_pushes_to_the_default_remote(tmp_
     assert (a / "artifacts" / "runs" / "train" / "checkpoint_00000006" / "state.pt").is_file()
     plots = sh("dvc", "plots", "show", "--json", cwd=a)
     assert "per_class_iou.json" in plots and "gflops_per_image.json" in plots
+    assert "pareto.csv" in plots
+
+    # the search ran its three seeded trials, the front was registered with its aliases
+    trials = json.loads((a / "artifacts" / "tune" / "trials.json").read_text())["trials"]
+    assert [t["seeded_from"] for t in trials] == ["dynamic-a", "dynamic-b", "dynamic-c"]
+    assert all(t["state"] == "COMPLETE" and 0 <= t["miou"] <= 1 for t in trials)
+    pareto = json.loads((a / "metrics" / "pareto.json").read_text())
+    front = {p["id"] for p in pareto["front"]}
+    assert front and front <= {t["id"] for t in trials}
+    registry = json.loads((a / "metrics" / "registry.json").read_text())
+    assert registry["name"] == "dynroute-cityscapes"
+    on_front = [v for v in registry["versions"] if v["pareto"]]
+    assert {v["trial"] for v in on_front} == front
+    assert {"best-miou", "min-gflops", "knee"} <= set(registry["aliases"])
+    report = sh("dynroute", "report", cwd=a)
+    assert "Pareto front" in report and "best-miou" in report
 
     # a second run is incremental: nothing is redone
     stamp = (a / "data" / "prepared" / "manifest.json").stat().st_mtime_ns
@@ -75,7 +93,7 @@ def test_repro_is_reproducible_incremental_and_pushes_to_the_default_remote(tmp_
     # a fresh clone regenerates identical data
     b = tmp_path / "b"
     sh("git", "clone", "-q", str(a), str(b), cwd=tmp_path)
-    sh("dvc", "repro", cwd=b)
+    sh("dvc", "repro", "prepare", cwd=b)
     assert manifest(b)["content_hash"] == first["content_hash"]
 
     # the default (local) remote: push from one clone, pull into another

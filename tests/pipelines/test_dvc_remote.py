@@ -8,14 +8,10 @@ Credentials are dummies in the environment of the DVC commands; only the endpoin
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,9 +25,9 @@ BUCKET = "dvc-store"
 # The project's DVC setup, as a clone has it (no git command runs in the project itself).
 DVC_FILES = (".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "dvc.yaml",
              "params.yaml")
+# Dummy credentials, as tests/conftest.py's moto server takes them (only in the environment).
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-               "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 pytestmark = pytest.mark.slow
 
@@ -46,53 +42,11 @@ def sh(*args: object, cwd: Path) -> str:
     return res.stdout + res.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _answers(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-    try:
-        conn.request("GET", "/")
-        return conn.getresponse().status < 500
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory) -> Iterator[str]:
-    """`moto_server` on 127.0.0.1 with an empty bucket; its endpoint URL."""
-    import boto3
-
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                 "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                env=os.environ | CREDENTIALS)
-    try:
-        deadline = time.monotonic() + 30
-        while not _answers(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto_server did not start on 127.0.0.1:{port}: "
-                            f"{log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                     aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
-        yield endpoint
-    finally:
-        proc.terminate()  # our own child, by its pid
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def s3_endpoint(s3_server) -> str:
+    """The shared `moto_server` (tests/conftest.py) with an empty bucket; its endpoint URL."""
+    s3_server.client().create_bucket(Bucket=BUCKET)
+    return s3_server.endpoint
 
 
 def bucket_keys(endpoint: str, prefix: str) -> list[str]:
