@@ -405,10 +405,10 @@ def register_command(
                f"{len(state.left_front)} left it; budget edges "
                f"{', '.join(f'{e:g}' for e in state.budget_edges) or 'none'}"
                f"{' (automatic)' if state.automatic_edges else ''}\n")
-    typer.echo(f"{'version':>7}  {'trial':<14}{'mIoU':>8}{'GFLOPs':>10}  {'pareto':<7}aliases")
+    typer.echo(f"{'version':>7}  {'trial':<26}{'mIoU':>8}{'GFLOPs':>10}  {'pareto':<7}aliases")
     for v in state.versions:
         miou, gflops = _registry_figure(v.miou, ".4f"), _registry_figure(v.gflops_mean)
-        typer.echo(f"{v.version:>7}  {(v.trial or '-')[:13]:<14}{miou:>8}{gflops:>10}  "
+        typer.echo(f"{v.version:>7}  {(v.trial or '-')[:25]:<26}{miou:>8}{gflops:>10}  "
                    f"{str(v.pareto).lower():<7}{', '.join(v.aliases) or '-'}")
     for warning in state.warnings:
         typer.echo(f"warning: {warning}", err=True)
