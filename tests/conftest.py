@@ -137,3 +137,28 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)
     return s3_server
+
+
+# MLflow's set_tracking_uri / set_registry_uri also export MLFLOW_TRACKING_URI and
+# MLFLOW_REGISTRY_URI. A test (or a module fixture) that logs in-process would leave them pointing
+# at its server, stopped later, and every later `dynroute` subprocess would obey them (the
+# environment wins over params.yaml, see platform/settings.py). Every test starts and ends with
+# the values the session started with.
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
+              "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+_SESSION_MLFLOW_ENV = {key: os.environ.get(key) for key in MLFLOW_ENV}
+
+
+def _reset_mlflow_environment() -> None:
+    for key, value in _SESSION_MLFLOW_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_environment() -> Iterator[None]:
+    _reset_mlflow_environment()
+    yield
+    _reset_mlflow_environment()
