@@ -131,13 +131,14 @@ def train_loop(config: dict) -> None:
     budget = BudgetLoss(lambda2=lambda2, mu=mu, c_all=cost.all_open_expected(),
                         schedule=BudgetSchedule(recipe.budget_start, recipe.budget_ramp))
     optimizer = build_optimizer(network, recipe)
-    step, run_id = 0, None
+    step, run_id, resumes = 0, None, []
     resume = ray_train.latest_checkpoint(_run_dir(spec), required=STATE_FILE)
     if resume is not None:
         state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=False)
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, run_id = int(state["step"]), state.get("mlflow_run_id")
+        resumes = [*state.get("resumes", []), step]  # the run's history, kept in checkpoints
         print(f"[rank {me.rank}] resumed from checkpoint at step {step}", flush=True)
     model = ray_train.prepare_model(network, device=me.device)
 
@@ -174,7 +175,7 @@ def train_loop(config: dict) -> None:
                     line = _progress_line(last_metrics, step, recipe.iterations, started)
                     print(line, flush=True)
             if step % spec.checkpoint_every == 0 or step == end:
-                _checkpoint(network, optimizer, step, run_id, spec, me, last_metrics)
+                _checkpoint(network, optimizer, step, run_id, resumes, spec, me, last_metrics)
         skip = 0
     if me.is_chief:
         if step >= recipe.iterations:
@@ -222,11 +223,13 @@ def _progress_line(metrics: dict, step: int, total: int, started: float) -> str:
             f"ETA {eta:.0f}s")
 
 
-def _checkpoint(network, optimizer, step, run_id, spec, me, metrics) -> None:
+def _checkpoint(network, optimizer, step, run_id, resumes, spec, me, metrics) -> None:
+    """`resumes`: the steps this run restarted from so far (its failures and pauses)."""
     with ray_train.checkpoint_dir(step) as folder:
         if me.is_chief:
             torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step, "mlflow_run_id": run_id}, folder / STATE_FILE)
+                        "step": step, "mlflow_run_id": run_id, "resumes": resumes},
+                       folder / STATE_FILE)
             (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
         report = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         ray_train.report(report | {"step": step},

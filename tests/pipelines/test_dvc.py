@@ -39,7 +39,7 @@ def checkout(dest: Path) -> Path:
     params["train"] = {"iterations": 6, "batch_size": 4, "crop": [64, 64],
                        "warmup_iterations": 2}
     params["run"] = params.get("run", {}) | {"checkpoint_every": 3, "log_every": 3}
-    params["evaluate"] = {"cost_resolution": [64, 128]}
+    params["evaluate"] |= {"cost_resolution": [64, 128]}
     params["tracking"] = {"uri": "local", "dir": "mlruns"}
     params["tune"] |= {"num_samples": 3, "iterations": 4, "max_concurrent": 1}
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
