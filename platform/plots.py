@@ -109,6 +109,13 @@ def plot_gate_probability(probability: Mapping[Path, float], layers: int,
     return _save(fig, out)
 
 
+def _draw_open_paths(ax, paths) -> None:
+    """Open paths as solid lines between their cells."""
+    for path in sorted(paths):
+        xs, ys = _segment(path)
+        ax.plot(xs, ys, color="tab:blue", linewidth=2.2, solid_capstyle="round", zorder=1)
+
+
 def plot_route(route: Route, out: FilePath, *, title: str = "") -> FilePath:
     """One route on the lattice: its cells filled, its paths as lines, other cells faint.
 
@@ -122,9 +129,7 @@ def plot_route(route: Route, out: FilePath, *, title: str = "") -> FilePath:
     """
     layers = route.layers
     fig, ax = _figure(layers)
-    for path in sorted(route.paths):
-        xs, ys = _segment(path)
-        ax.plot(xs, ys, color="tab:blue", linewidth=2.2, solid_capstyle="round", zorder=1)
+    _draw_open_paths(ax, route.paths)
     off = [n for n in route.space.nodes(include_init=True) if n not in route.cells]
     ax.scatter([_xy(n)[0] for n in off], [_xy(n)[1] for n in off], s=10, color=FAINT, zorder=2)
     on = sorted(route.cells)
@@ -240,9 +245,7 @@ def plot_taken_route(taken: TakenRoute, out: FilePath, *, title: str = "") -> Fi
     """
     layers = taken.layers
     fig, ax = _figure(layers)
-    for path in sorted(taken.open_paths):
-        xs, ys = _segment(path)
-        ax.plot(xs, ys, color="tab:blue", linewidth=2.2, solid_capstyle="round", zorder=1)
+    _draw_open_paths(ax, taken.open_paths)
     for path in sorted(taken.passed_on):
         xs, ys = _segment(path)
         ax.plot(xs, ys, color="gray", linewidth=1.4, linestyle=(0, (2, 2)), zorder=1)
