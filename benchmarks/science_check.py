@@ -9,6 +9,12 @@ the small gate), evaluates both on the val split and prints:
   (c) for the budgeted network: real GFLOPs and path-open frequencies of the images dominated by
       small objects vs by large regions (their routes should differ measurably).
 
+How (c) is decided, fixed before the runs it reports: each val image's route is the vector of its
+paths' open (1) / closed (0) decisions. A leave-one-out nearest-centroid classifier tells `small`
+from `large` images by that vector; (c) holds when its accuracy beats the accuracies reached with
+shuffled kind labels at p < 0.01 (2000 shuffles). The same classifier on the gates' values α
+(the soft route), and the per-path |ΔP(open)| tests, are reported beside it.
+
     python benchmarks/science_check.py            # minutes on a 2-core CPU
     python benchmarks/science_check.py --smoke    # seconds, for CI: runs, checks nothing
 """
@@ -33,6 +39,7 @@ from dynroute.pipelines.run import load_checkpoint
 from dynroute.pipelines.synth import synthesize
 from dynroute.platform.dataset import ShardDataset
 from dynroute.platform.evaluation import evaluate
+from dynroute.platform.files import write_json_atomic
 from dynroute.platform.recipe import TrainConfig
 from dynroute.platform.shards import read_manifest
 from dynroute.platform.training import TrainSpec, train
@@ -59,6 +66,7 @@ def per_kind(network, data: Path, kinds: dict[str, str], resolution) -> dict:
     flops: dict[str, list[float]] = {k: [] for k in stats}
     routing: dict[str, list[float]] = {k: [] for k in stats}
     opened: dict[str, list[np.ndarray]] = {k: [] for k in stats}  # per image: paths open
+    alpha: dict[str, list[np.ndarray]] = {k: [] for k in stats}  # per image: the gates' values
     with torch.inference_mode():
         for sample in ShardDataset(root=str(data), split="val", train=False, crop=None):
             kind = kinds[f"val/{sample['id']}"]
@@ -66,12 +74,14 @@ def per_kind(network, data: Path, kinds: dict[str, str], resolution) -> dict:
             stats[kind].update(out.gates)
             flops[kind].append(cost.real(out.gates).item() / 1e9)
             routing[kind].append(cost.real(out.gates, routing_only=True).item() / 1e9)
-            opened[kind].append(np.concatenate([(out.gates[n][0] > network.closed_threshold)
-                                                .numpy() for n in sorted(out.gates)]))
+            values = np.concatenate([out.gates[n][0].float().numpy() for n in sorted(out.gates)])
+            alpha[kind].append(values)
+            opened[kind].append(values > network.closed_threshold)
     return {k: {"images": len(flops[k]), "gflops_mean": float(np.mean(flops[k])),
                 "routing_gflops_mean": float(np.mean(routing[k])),
                 "routing_all_open": cost.all_open_expected() / 1e9,
-                "paths": stats[k].path_frequency(), "opened": np.array(opened[k], dtype=float)}
+                "paths": stats[k].path_frequency(), "opened": np.array(opened[k], dtype=float),
+                "alpha": np.array(alpha[k], dtype=float)}
             for k in stats if flops[k]}
 
 
@@ -100,6 +110,39 @@ def permutation_test(a: np.ndarray, b: np.ndarray, *, rounds: int = 2000,
             "max": (float(observed.max()), (hits["max"] + 1) / (rounds + 1))}
 
 
+def centroid_test(a: np.ndarray, b: np.ndarray, *, rounds: int = 2000,
+                  seed: int = 0) -> tuple[float, float]:
+    """Leave-one-out nearest-centroid accuracy telling rows of `a` from rows of `b`, and the chance
+    of an accuracy at least as high when the labels are shuffled (a p-value).
+
+    Features are standardised over both groups together (label-blind, so shuffling stays fair);
+    constant features are dropped. Each row is classified by the nearer of the two group centroids
+    computed without it.
+    """
+    x = np.concatenate([a, b]).astype(float)
+    spread = x.std(0)
+    x = (x[:, spread > 0] - x[:, spread > 0].mean(0)) / spread[spread > 0]
+    labels = np.r_[np.zeros(len(a), bool), np.ones(len(b), bool)]
+    if x.shape[1] == 0:
+        return 0.5, 1.0
+
+    def accuracy(y: np.ndarray) -> float:
+        sums = {g: x[y == g].sum(0) for g in (False, True)}
+        counts = {g: int((y == g).sum()) for g in (False, True)}
+        distance = {}
+        for g in (False, True):  # distance of every row to group g's centroid without that row
+            own = y == g
+            n = np.where(own, counts[g] - 1, counts[g])[:, None]
+            centroid = (sums[g][None] - np.where(own[:, None], x, 0.0)) / np.maximum(n, 1)
+            distance[g] = ((x - centroid) ** 2).sum(1)
+        return float(((distance[True] < distance[False]) == y).mean())
+
+    observed = accuracy(labels)
+    rng = np.random.default_rng(seed)
+    hits = sum(accuracy(rng.permutation(labels)) >= observed for _ in range(rounds))
+    return observed, (hits + 1) / (rounds + 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-images", type=int, default=96)
@@ -110,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--seed", type=int, default=7, help="seed of the synthetic data")
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -180,7 +224,35 @@ def main(argv: list[str] | None = None) -> int:
         print("    largest:")
         for d, p in diffs[:5]:
             print(f"      path {p}: small {small[p]:.2f}  large {large[p]:.2f}  (|diff| {d:.2f})")
+        print("    leave-one-out nearest-centroid small vs large (chance 0.5; 2000 shuffles):")
+        decided = {}
+        for name, key in (("routes (open/closed)", "opened"), ("gate values α", "alpha")):
+            acc, p_value = centroid_test(kinds_a["small"][key], kinds_a["large"][key])
+            decided[key] = {"accuracy": acc, "p": p_value}
+            print(f"      {name:<21} accuracy {acc:.3f}  p = {p_value:.4f}")
+        verdict = "holds" if decided["opened"]["p"] < 0.01 else "not shown"
+        print(f"    (c) {verdict} (routes classifier, p < 0.01)")
+        results["dynamic-a"]["c"] = {"verdict": verdict, "classifier": decided,
+                                     "permutation": tests}
+    if args.out:
+        write_json_atomic(args.out, _summary(results, args))
     return 0
+
+
+def _summary(results: dict, args: argparse.Namespace) -> dict:
+    """The printed figures as JSON (without the per-image arrays)."""
+    out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "networks": {}}
+    for name, r in results.items():
+        g = r["gflops"]
+        out["networks"][name] = {
+            "miou": r["miou"], "chance": r["chance"], "gflops_mean": g.mean,
+            "routing_gflops_mean": r["routing"], "c": r.get("c"),
+            "kinds": {k: {"images": v["images"], "gflops_mean": v["gflops_mean"],
+                          "routing_gflops_mean": v["routing_gflops_mean"],
+                          "paths": {str(path): f for path, f in v["paths"].items()}}
+                      for k, v in r["kinds"].items()}}
+    return out
 
 
 if __name__ == "__main__":
