@@ -2,12 +2,12 @@
 
 Driver side: `fit` runs a per-worker function with `TorchTrainer` (gloo on CPU, NCCL on GPU),
 persistent checkpoints in a storage path (local or `s3://`) and `FailureConfig` restarts: after a
-worker dies, the function runs again and `latest_checkpoint` hands it the last checkpoint.
+worker dies, the function runs again and `latest_state` hands it the last checkpoint's state.
 `num_workers=0` runs the function in this process (Ray's local mode, no cluster needed); there Ray
 does not persist checkpoints, so this module writes them under the storage path itself.
 
 Worker side: `worker()` (rank, world size, device), `prepare_model`, `report`,
-`latest_checkpoint`, `all_reduce_mean`.
+`latest_state`, `all_reduce_mean`.
 
 Networking: a local cluster started here binds to 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
 as platform.md prescribes for these machines); RAY_ADDRESS connects to an existing cluster.
@@ -166,35 +166,65 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values / dist.get_world_size()
 
 
-def latest_checkpoint(run_dir: str, *, required: str) -> Path | None:
-    """The folder of the newest complete checkpoint to resume from, or None for a fresh start.
+def latest_state(run_dir: str, *, name: str, in_worker: bool = True) -> object | None:
+    """What the newest complete checkpoint of the run saved as `name` (loaded with torch), or
+    None for a fresh start. Nothing is left behind: a remote checkpoint's download is removed.
 
-    Ray hands back the newest checkpoint its controller registered; a worker that died right
-    after persisting a newer one leaves that one on storage unregistered. Both are considered, so
-    a restart goes back at most one checkpoint interval. A checkpoint counts as complete when
-    its `required` file loads. The result is a private local copy.
+    In a worker, Ray hands back the newest checkpoint its controller registered; a worker that
+    died right after persisting a newer one leaves that one on storage unregistered. Both are
+    considered, so a restart goes back at most one checkpoint interval. On the driver
+    (`in_worker=False`) only the checkpoints on storage count. A checkpoint counts as complete
+    when its `name` file loads.
     """
     import ray.train
 
-    local_dir = os.environ.get(_LOCAL_RUN_DIR)
-    if local_dir:
-        found = _local_checkpoints(Path(local_dir))
-        return found[-1] if found else None
-    candidates: list[tuple[int, object]] = []
-    registered = ray.train.get_checkpoint()
-    if registered is not None:
-        candidates.append((_step_of(registered.path), registered))
-    candidates += _persisted(run_dir)
+    candidates = _persisted(run_dir)
+    if in_worker and not os.environ.get(_LOCAL_RUN_DIR):
+        registered = ray.train.get_checkpoint()
+        if registered is not None:
+            candidates.append((_step_of(registered.path), registered))
     for _, checkpoint in sorted(candidates, key=lambda c: c[0], reverse=True):
-        target = Path(tempfile.mkdtemp(prefix="dynroute-resume-"))
         try:
             with checkpoint.as_directory() as folder:  # may be a temporary download
-                shutil.copytree(folder, target, dirs_exist_ok=True)
-            torch.load(target / required, map_location="cpu", weights_only=False)
-            return target
-        except Exception:
-            shutil.rmtree(target, ignore_errors=True)
+                return torch.load(Path(folder) / name, map_location="cpu", weights_only=False)
+        except Exception:  # incomplete (the writer died): try the one before
+            continue
     return None
+
+
+def load_state(checkpoint: str, *, name: str) -> object:
+    """torch.load of the file `name` in a checkpoint folder given as a local path or URI."""
+    from ray.train import Checkpoint
+
+    if "://" not in checkpoint:
+        return torch.load(Path(checkpoint) / name, map_location="cpu", weights_only=False)
+    with Checkpoint(checkpoint).as_directory() as folder:  # a temporary download
+        return torch.load(Path(folder) / name, map_location="cpu", weights_only=False)
+
+
+def place_checkpoint(folder: Path, *, run_dir: str, step: int) -> str:
+    """Copy a local checkpoint folder into a run's storage (local path or URI) as the
+    checkpoint of `step`, where `latest_state` finds it; a local copy appears whole or not at
+    all. Returns where it went."""
+    import pyarrow.fs as pafs
+
+    from dynroute.platform.shards import filesystem_for, join
+
+    fs, base = filesystem_for(run_dir)
+    name = f"{CHECKPOINT_PREFIX}{step:08d}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        final = Path(base) / name
+        tmp = final.with_name(f".{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return str(final)
+    target = join(base, name)
+    fs.create_dir(target, recursive=True)
+    pafs.copy_files(str(folder), target, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    return f"{run_dir.rstrip('/')}/{name}"
 
 
 def _step_of(path: str) -> int:

@@ -425,6 +425,42 @@ class Tracker:
         finally:
             self._client.set_terminated(run_id, status=status)
 
+    def run_exists(self, run_id: str) -> bool:
+        """Whether the server knows the run (False for one deleted or from another server)."""
+        if not self.enabled:
+            return False
+        try:
+            return self._client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
+
+    def find_child_run(self, *, run_name: str, parent_run_id: str) -> str | None:
+        """The id of the newest child run `run_name` of `parent_run_id` in the experiment."""
+        if not self.enabled:
+            return None
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        def quoted(value: str) -> str:
+            return "'" + value.replace("'", "\\'") + "'"
+
+        found = self._client.search_runs(
+            [self._experiment()], max_results=1, order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.`{MLFLOW_RUN_NAME}` = {quoted(run_name)} and "
+                          f"tags.`{MLFLOW_PARENT_RUN_ID}` = {quoted(parent_run_id)}")
+        return found[0].info.run_id if found else None
+
+    def terminate(self, run_id: str, status: RunStatus) -> None:
+        """Mark a run that another process or tracker logs into `status`; this tracker's
+        buffered metrics are flushed first."""
+        if not self.enabled:
+            return
+        if status not in _RUN_STATUSES:
+            raise ValueError(f"status {status!r} is not one of {_RUN_STATUSES}")
+        try:
+            self.flush()
+        finally:
+            self._client.set_terminated(run_id, status=status)
+
     @contextlib.contextmanager
     def run(self, *, run_name: str, tags: Mapping[str, str] = _NO_TAGS,
             parent_run_id: str | None = None,

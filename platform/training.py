@@ -7,8 +7,12 @@ same all-reduced metrics and rank 0 hands Ray a checkpoint (model, optimizer, st
 id). After a failure the loop starts again from the latest checkpoint: the step counter goes
 back at most `checkpoint_every` steps and the MLflow run continues.
 
-Only rank 0 talks to MLflow (the Tracker is disabled elsewhere); it logs parameters, metrics
-every `log_every` steps, tags (git commit, data hash, params hash) and the final model.
+The driver owns the MLflow run: `train` starts it with the parameters and tags (git commit,
+data hash, params hash), or continues the run of the newest checkpoint, hands its id to the
+workers, and ends it FAILED (KILLED on an interrupt) when the training fails, so no failed
+training stays RUNNING and a retry before the first checkpoint logs into the same run. Only
+rank 0 of the workers logs (the Tracker is disabled elsewhere): metrics every `log_every` steps
+and, at the end, the model, which ends the run FINISHED.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class TrackingSpec:
     run_name: str = "train"
     parent_run_id: str | None = None
     tags: dict = field(default_factory=dict)
+    run_id: str | None = None  # the run the workers log into; set by `train`
 
 
 @dataclass(frozen=True)
@@ -96,10 +101,56 @@ def train(spec: TrainSpec) -> ray_train.FitResult:
     spec.recipe, spec.network  # noqa: B018 (validate on the driver, before any worker starts)
     if "://" not in spec.data:  # workers run elsewhere (other folders, other nodes)
         spec = replace(spec, data=os.path.abspath(spec.data))
-    read_manifest(spec.data)  # fail early and clearly when the data is missing
-    return ray_train.fit(train_loop, config=spec.to_dict(), name=spec.name,
-                         storage=spec.storage, num_workers=spec.workers,
-                         use_gpu=spec.use_gpu, max_failures=spec.max_failures)
+    manifest = read_manifest(spec.data)  # fail early and clearly when the data is missing
+    spec, tracker = _open_run(spec, manifest)
+    try:
+        return ray_train.fit(train_loop, config=spec.to_dict(), name=spec.name,
+                             storage=spec.storage, num_workers=spec.workers,
+                             use_gpu=spec.use_gpu, max_failures=spec.max_failures)
+    except BaseException as exc:
+        if tracker is not None:
+            status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+            try:
+                tracker.terminate(spec.tracking.run_id, status)
+            except Exception as end_exc:  # the training's own error is what matters
+                log.warning("could not mark MLflow run %s %s: %s", spec.tracking.run_id,
+                            status, end_exc)
+        raise
+
+
+def _open_run(spec: TrainSpec, manifest):
+    """(spec with `tracking.run_id` set, tracker), or (spec, None) without tracking.
+
+    The run is the newest checkpoint's (a resumed training continues it) when the server knows
+    it; without a checkpoint, a child run of the same name under the same parent (a trial run
+    again after its driver died); else a new one with the parameters and tags.
+    """
+    if spec.tracking.uri is None:
+        return spec, None
+    from dynroute.platform.tracking import flatten, git_commit, params_hash
+
+    tracker = _tracker(spec, True)
+    state = ray_train.latest_state(_run_dir(spec), name=STATE_FILE, in_worker=False)
+    run_id = state.get("mlflow_run_id") if isinstance(state, dict) else None
+    if run_id is not None and tracker.run_exists(run_id):
+        return replace(spec, tracking=replace(spec.tracking, run_id=run_id)), tracker
+    if run_id is not None:
+        log.warning("MLflow run %s of the checkpoint is not on %s: starting a new run", run_id,
+                    spec.tracking.uri)
+    elif spec.tracking.parent_run_id is not None:
+        run_id = tracker.find_child_run(run_name=spec.tracking.run_name,
+                                        parent_run_id=spec.tracking.parent_run_id)
+        if run_id is not None:
+            return replace(spec, tracking=replace(spec.tracking, run_id=run_id)), tracker
+    tags = {"git_commit": git_commit() or "unknown", "data_hash": manifest.content_hash,
+            "params_hash": params_hash({"model": spec.model, "train": spec.train}),
+            "dataset": manifest.dataset, **spec.tracking.tags}
+    run_id = tracker.start_run(run_name=spec.tracking.run_name, tags=tags,
+                               parent_run_id=spec.tracking.parent_run_id)
+    tracker.log_params(flatten({"model": asdict(spec.network) | {"route": None},
+                                "train": spec.train, "data": spec.data,
+                                "workers": spec.workers}))
+    return replace(spec, tracking=replace(spec.tracking, run_id=run_id)), tracker
 
 
 def _run_dir(spec: TrainSpec) -> str:
@@ -113,6 +164,14 @@ def _tracker(spec: TrainSpec, enabled: bool):
 
     return Tracker(uri=spec.tracking.uri, experiment=spec.tracking.experiment,
                    enabled=enabled and spec.tracking.uri is not None)
+
+
+def _worker_tracker(spec: TrainSpec, me) -> tuple:
+    """(tracker, run id): rank 0 continues the driver's run; other ranks get a disabled one."""
+    tracker = _tracker(spec, me.is_chief and spec.tracking.run_id is not None)
+    if tracker.enabled:
+        tracker.resume_run(spec.tracking.run_id)
+    return tracker, spec.tracking.run_id
 
 
 def train_loop(config: dict) -> None:
@@ -131,22 +190,23 @@ def train_loop(config: dict) -> None:
     budget = BudgetLoss(lambda2=lambda2, mu=mu, c_all=cost.all_open_expected(),
                         schedule=BudgetSchedule(recipe.budget_start, recipe.budget_ramp))
     optimizer = build_optimizer(network, recipe)
-    step, run_id, resumes = 0, None, []
-    resume = ray_train.latest_checkpoint(_run_dir(spec), required=STATE_FILE)
-    if resume is not None:
-        state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=False)
+    step, resumes = 0, []
+    state = ray_train.latest_state(_run_dir(spec), name=STATE_FILE)
+    if state is not None:
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step, run_id = int(state["step"]), state.get("mlflow_run_id")
+        step = int(state["step"])
         resumes = [*state.get("resumes", []), step]  # the run's history, kept in checkpoints
         print(f"[rank {me.rank}] resumed from checkpoint at step {step}", flush=True)
+        del state
     model = ray_train.prepare_model(network, device=me.device)
 
     dataset = ShardDataset(root=spec.data, split="train", train=True, crop=recipe.crop,
                            seed=recipe.seed, rank=me.rank, world_size=me.world_size)
     per_epoch = steps_per_epoch(len(dataset), recipe.batch_size)
-    tracker = _tracker(spec, me.is_chief)
-    run_id = _start_tracking(tracker, spec, run_id, cost)
+    tracker, run_id = _worker_tracker(spec, me)
+    if step == 0:
+        tracker.log_metrics({"c_all_gflops": cost.all_open_expected() / 1e9}, step=0)
 
     sums = torch.zeros(5, dtype=torch.float64)  # seg, budget, expected FLOPs, grad norm, count
     started, last_metrics = time.monotonic(), {}
@@ -178,7 +238,9 @@ def train_loop(config: dict) -> None:
                 _checkpoint(network, optimizer, step, run_id, resumes, spec, me, last_metrics)
         skip = 0
     if me.is_chief:
-        if step >= recipe.iterations:
+        if resumes and resumes[-1] >= recipe.iterations:
+            tracker.end_run()  # trained to the end before: the model is logged already
+        elif step >= recipe.iterations:
             _finish_tracking(tracker, network, recipe)
         else:  # paused (stop_at): the run goes on when training resumes
             tracker.flush()
@@ -234,26 +296,6 @@ def _checkpoint(network, optimizer, step, run_id, resumes, spec, me, metrics) ->
         report = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         ray_train.report(report | {"step": step},
                          checkpoint=folder if me.is_chief else None, step=step)
-
-
-def _start_tracking(tracker, spec: TrainSpec, run_id: str | None, cost) -> str | None:
-    from dynroute.platform.tracking import flatten, git_commit, params_hash
-
-    if not tracker.enabled:
-        return run_id
-    manifest = read_manifest(spec.data)
-    tags = {"git_commit": git_commit() or "unknown", "data_hash": manifest.content_hash,
-            "params_hash": params_hash({"model": spec.model, "train": spec.train}),
-            "dataset": manifest.dataset, **spec.tracking.tags}
-    if run_id is not None:  # restarted from a checkpoint: continue the same MLflow run
-        return tracker.resume_run(run_id)
-    run_id = tracker.start_run(run_name=spec.tracking.run_name, tags=tags,
-                               parent_run_id=spec.tracking.parent_run_id)
-    tracker.log_params(flatten({"model": asdict(spec.network) | {"route": None},
-                                "train": spec.train, "data": spec.data,
-                                "workers": spec.workers}))
-    tracker.log_metrics({"c_all_gflops": cost.all_open_expected() / 1e9}, step=0)
-    return run_id
 
 
 def _finish_tracking(tracker, network, recipe: TrainConfig) -> None:

@@ -493,21 +493,26 @@ def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
     if checkpoint is None:
         raise RuntimeError(f"training {spec.name} left no checkpoint to evaluate")
     state = _load_state(str(checkpoint))
-    network = build_network(spec.network)
-    network.load_state_dict(state["model"])
-    manifest = read_manifest(spec.data)
-    with torch.inference_mode():
-        result = evaluate(network, ShardDataset(root=spec.data, split=split, train=False,
-                                                crop=None),
-                          num_classes=manifest.num_classes, class_names=manifest.class_names,
-                          cost_resolution=tuple(cost_resolution))
-    g = result.gflops
-    figures = {M.MIOU: result.miou, M.GFLOPS_MEAN: g.mean, M.GFLOPS_MAX: g.max,
-               M.GFLOPS_MIN: g.min, M.GFLOPS_P50: g.p50, M.GFLOPS_P90: g.p90}
     step, run_id = int(state["step"]), state.get("mlflow_run_id")
-    report = figures | {STEP: step, "iterations": spec.recipe.iterations,
-                        "checkpoint": str(checkpoint), "mlflow_run_id": run_id or ""}
-    check_report(report, where=f"{spec.name} at step {step}")
+    try:
+        network = build_network(spec.network)
+        network.load_state_dict(state["model"])
+        manifest = read_manifest(spec.data)
+        with torch.inference_mode():
+            result = evaluate(network, ShardDataset(root=spec.data, split=split, train=False,
+                                                    crop=None),
+                              num_classes=manifest.num_classes,
+                              class_names=manifest.class_names,
+                              cost_resolution=tuple(cost_resolution))
+        g = result.gflops
+        figures = {M.MIOU: result.miou, M.GFLOPS_MEAN: g.mean, M.GFLOPS_MAX: g.max,
+                   M.GFLOPS_MIN: g.min, M.GFLOPS_P50: g.p50, M.GFLOPS_P90: g.p90}
+        report = figures | {STEP: step, "iterations": spec.recipe.iterations,
+                            "checkpoint": str(checkpoint), "mlflow_run_id": run_id or ""}
+        check_report(report, where=f"{spec.name} at step {step}")
+    except Exception:  # the trial fails: so does its run (the training may have finished it)
+        _end_child_run(spec.tracking.uri, spec.tracking.experiment, run_id, "FAILED")
+        raise
     if run_id and spec.tracking.uri:
         _log_evaluation(spec, run_id, figures, step=step, final=final)
     return report
@@ -574,9 +579,7 @@ def _end_child_run(uri: str | None, experiment: str, run_id: str | None, status:
         return
     from dynroute.platform.tracking import Tracker
 
-    tracker = Tracker(uri=uri, experiment=experiment)
-    tracker.resume_run(run_id)
-    tracker.end_run(status)
+    Tracker(uri=uri, experiment=experiment).terminate(run_id, status)
 
 
 class _StudyCallback(tune.Callback):

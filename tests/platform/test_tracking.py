@@ -187,6 +187,33 @@ def test_child_run_from_another_tracker(server: MlflowServer, tracker: Tracker,
 
 
 @server_test
+def test_find_child_run_terminate_and_run_exists(server: MlflowServer, tracker: Tracker,
+                                                client: MlflowClient) -> None:
+    parents = [tracker.start_run(run_name="study")]
+    other = Tracker(uri=server.uri, experiment=tracker.experiment)
+    other_parent = other.start_run(run_name="other-study")
+    trial = Tracker(uri=server.uri, experiment=tracker.experiment)
+    mine = trial.start_run(run_name="t-001", parent_run_id=parents[0])
+    trial.end_run("FAILED")
+    theirs = trial.start_run(run_name="t-001", parent_run_id=other_parent)
+    assert tracker.find_child_run(run_name="t-001", parent_run_id=parents[0]) == mine
+    assert tracker.find_child_run(run_name="t-001", parent_run_id=other_parent) == theirs
+    assert tracker.find_child_run(run_name="t-002", parent_run_id=parents[0]) is None
+    assert tracker.find_child_run(run_name="it's", parent_run_id=parents[0]) is None
+    # another process ends a run this tracker never started
+    Tracker(uri=server.uri, experiment=tracker.experiment).terminate(theirs, "KILLED")
+    assert client.get_run(theirs).info.status == "KILLED"
+    with pytest.raises(ValueError, match="status"):
+        tracker.terminate(theirs, "DONE")  # type: ignore[arg-type]
+    assert tracker.run_exists(mine) and not tracker.run_exists("0" * 32)
+    client.delete_run(mine)
+    assert not tracker.run_exists(mine), "a deleted run does not count"
+    trial.end_run()
+    other.end_run()
+    tracker.end_run()
+
+
+@server_test
 def test_a_second_top_level_run_is_refused(tracker: Tracker) -> None:
     tracker.start_run(run_name="first")
     with pytest.raises(RuntimeError, match="still active"):

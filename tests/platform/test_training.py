@@ -213,3 +213,61 @@ def test_stop_at_pauses_and_a_second_call_resumes_to_the_end(prepared, tmp_path,
         assert [m.step for m in history] == [5, 10, 15, 20]
         models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
         assert [m.source_run_id for m in models] == [run.info.run_id], "logged once, at the end"
+
+
+
+@pytest.mark.slow
+def test_a_failed_training_ends_its_run_failed_and_resuming_continues_it(prepared, tmp_path):
+    """The driver owns the MLflow run: a training whose data breaks ends FAILED (never stays
+    RUNNING); run again after the fix, it resumes from its checkpoint in the same run."""
+    import shutil
+    from dataclasses import replace
+
+    from mlflow.tracking import MlflowClient
+
+    from dynroute.platform.tracking import MlflowServer
+    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    shards = sorted((data / "shards").glob("train-*.parquet"))
+    assert shards, "the prepared data has train shards"
+    originals = {p: p.read_bytes() for p in shards}
+
+    def break_shards() -> None:  # the manifest stays valid: the failure comes from the workers
+        for path in shards:
+            path.write_bytes(b"not parquet")
+
+    with MlflowServer(root=tmp_path / "mlruns") as server:
+        client = MlflowClient(server.uri)
+        spec = TrainSpec(data=str(data), model={"layers": 4, "base_channels": 4},
+                         train={"iterations": 10, "batch_size": 2, "crop": [64, 64],
+                                "warmup_iterations": 2},
+                         name="fragile", storage=str(tmp_path / "runs"), checkpoint_every=5,
+                         log_every=5, tracking=TrackingSpec(uri=server.uri, run_name="fragile"))
+        train(replace(spec, stop_at=5))
+        experiment = client.get_experiment_by_name("dynroute")
+        [run] = client.search_runs([experiment.experiment_id])
+        assert run.info.status == "RUNNING"
+
+        break_shards()
+        with pytest.raises(Exception):  # noqa: B017 (Ray wraps the worker's error)
+            train(spec)
+        [run] = client.search_runs([experiment.experiment_id])
+        assert run.info.status == "FAILED", "a failed training does not stay RUNNING"
+
+        for path, content in originals.items():
+            path.write_bytes(content)
+        assert train(spec).metrics["step"] == 10
+        [run] = client.search_runs([experiment.experiment_id])  # the same run, continued
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "loss_seg")
+        assert [m.step for m in history] == [5, 10]
+
+        break_shards()  # a new training that fails before its first checkpoint
+        with pytest.raises(Exception):  # noqa: B017
+            train(replace(spec, name="fresh", tracking=replace(spec.tracking, run_name="fresh")))
+        fresh = client.search_runs([experiment.experiment_id],
+                                   filter_string="tags.`mlflow.runName` = 'fresh'")
+        assert [r.info.status for r in fresh] == ["FAILED"]
+        assert fresh[0].data.params["train.iterations"] == "10", "params logged by the driver"
