@@ -33,16 +33,12 @@ def tracking_uri(params: Params) -> Iterator[str | None]:
 
 
 def train_spec(params: Params, *, data: str, uri: str | None) -> TrainSpec:
-    run = params.run
+    """The training params.yaml describes: `run.*` keys are TrainSpec fields of the same name."""
     return TrainSpec(
         data=data, model={k: v for k, v in asdict(params.model).items() if k != "route"},
-        train=asdict(params.train), name=run.name, storage=run.storage, workers=run.workers,
-        use_gpu=run.use_gpu, loader_workers=run.loader_workers,
-        checkpoint_every=run.checkpoint_every, log_every=run.log_every,
-        max_failures=run.max_failures, fast=run.fast, bf16=run.bf16,
-        channels_last=run.channels_last,
+        train=asdict(params.train), **asdict(params.run),
         tracking=TrackingSpec(uri=uri, experiment=params.tracking.experiment,
-                              run_name=run.name))
+                              run_name=params.run.name))
 
 
 def find_checkpoint(path: Path) -> Path:

@@ -50,3 +50,20 @@ def test_every_param_key_in_dvc_yaml_exists():
             section, _, field = key.partition(".")
             assert hasattr(params, section), f"stage {name}: {key}"
             assert not field or hasattr(getattr(params, section), field), f"stage {name}: {key}"
+
+
+def test_every_run_key_reaches_the_training_spec():
+    """`run.*` keys become TrainSpec fields of the same name, none dropped on the way."""
+    from dataclasses import fields, replace
+
+    from dynroute.pipelines.params import RunParams
+    from dynroute.pipelines.run import train_spec
+
+    changed = {"name": "n", "storage": "s3://b/p", "workers": 3, "use_gpu": True,
+               "loader_workers": 2, "checkpoint_every": 7, "log_every": 3, "max_failures": 5,
+               "fast": False, "bf16": True, "channels_last": True}
+    assert set(changed) == {f.name for f in fields(RunParams)}, "cover every run key"
+    params = replace(load_params(ROOT / "params.yaml"), run=RunParams(**changed))
+    spec = train_spec(params, data="d", uri="http://127.0.0.1:1")
+    assert {k: getattr(spec, k) for k in changed} == changed
+    assert spec.tracking.run_name == "n"
