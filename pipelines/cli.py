@@ -486,7 +486,8 @@ def predict_command(
 
 
 # === tune: dynroute tune (the budget search) =================================================
-# Handler in dynroute.pipelines.tune_stage; library in dynroute.platform.tune (+ mo_asha).
+# Handler in dynroute.pipelines.tune_stage; library in dynroute.platform.tune (+ study, trial,
+# mo_asha).
 
 
 @app.command("tune")

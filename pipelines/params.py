@@ -114,6 +114,7 @@ class TuneParams:
     grace_period: int = 100  # mo-asha: the first rung, in iterations
     reduction_factor: int = 2  # mo-asha: keep ~1/η of the trials at each rung
     max_gflops: float = 0.0
+    warm_start: bool = True  # train the trials' budget-free first steps once (warm_start.py)
 
 
 @dataclass(frozen=True)

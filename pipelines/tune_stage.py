@@ -19,7 +19,7 @@ from dynroute.platform import metrics as M
 
 def search_spec(params: Params):
     """The search settings of params.yaml (`tune.iterations` 0: `train.iterations`)."""
-    from dynroute.platform.tune import SearchSpec
+    from dynroute.platform.study import SearchSpec
 
     t = params.tune
     return SearchSpec(
@@ -29,7 +29,7 @@ def search_spec(params: Params):
         trial_cpus=t.trial_cpus, scheduler=t.scheduler, grace_period=t.grace_period,
         reduction_factor=t.reduction_factor, max_gflops=t.max_gflops,
         split=params.evaluate.split, cost_resolution=params.evaluate.cost_resolution,
-        max_failures=params.run.max_failures)
+        max_failures=params.run.max_failures, warm_start=t.warm_start)
 
 
 class TrialProgress:

@@ -192,6 +192,12 @@ def latest_state(run_dir: str, *, name: str, in_worker: bool = True) -> object |
     return None
 
 
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The newest checkpoint folder on the run's storage (local path or URI), or None."""
+    found = sorted(name for _, name in _persisted_names(run_dir))
+    return f"{run_dir.rstrip('/')}/{found[-1]}" if found else None
+
+
 def load_state(checkpoint: str, *, name: str) -> object:
     """torch.load of the file `name` in a checkpoint folder given as a local path or URI."""
     from ray.train import Checkpoint
@@ -221,7 +227,6 @@ def place_checkpoint(folder: Path, *, run_dir: str, step: int) -> str:
         tmp.rename(final)
         return str(final)
     target = join(base, name)
-    fs.create_dir(target, recursive=True)
     pafs.copy_files(str(folder), target, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
     return f"{run_dir.rstrip('/')}/{name}"
@@ -232,10 +237,10 @@ def _step_of(path: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _persisted(run_dir: str) -> list[tuple[int, object]]:
-    """Checkpoint folders under the run's storage folder (local path or URI)."""
+def _persisted_names(run_dir: str) -> list[tuple[str, str]]:
+    """(path inside the filesystem, folder name) of the checkpoint folders under the run's
+    storage folder (local path or URI)."""
     import pyarrow.fs as pafs
-    from ray.train import Checkpoint
 
     from dynroute.platform.shards import filesystem_for
 
@@ -244,13 +249,20 @@ def _persisted(run_dir: str) -> list[tuple[int, object]]:
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     except OSError:
         return []
-    found = []
-    for info in infos:
-        name = info.base_name
-        if info.type == pafs.FileType.Directory and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+",
-                                                                 name):
-            found.append((_step_of(name), Checkpoint(info.path, filesystem=fs)))
-    return found
+    return [(info.path, info.base_name) for info in infos
+            if info.type == pafs.FileType.Directory
+            and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", info.base_name)]
+
+
+def _persisted(run_dir: str) -> list[tuple[int, object]]:
+    """(step, Checkpoint) of the checkpoint folders under the run's storage folder."""
+    from ray.train import Checkpoint
+
+    from dynroute.platform.shards import filesystem_for
+
+    fs, _ = filesystem_for(run_dir)
+    return [(_step_of(name), Checkpoint(path, filesystem=fs))
+            for path, name in _persisted_names(run_dir)]
 
 
 @contextmanager

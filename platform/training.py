@@ -190,14 +190,22 @@ def train_loop(config: dict) -> None:
     budget = BudgetLoss(lambda2=lambda2, mu=mu, c_all=cost.all_open_expected(),
                         schedule=BudgetSchedule(recipe.budget_start, recipe.budget_ramp))
     optimizer = build_optimizer(network, recipe)
-    step, resumes = 0, []
+    step, history = 0, {"resumes": []}
     state = ray_train.latest_state(_run_dir(spec), name=STATE_FILE)
     if state is not None:
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
-        resumes = [*state.get("resumes", []), step]  # the run's history, kept in checkpoints
-        print(f"[rank {me.rank}] resumed from checkpoint at step {step}", flush=True)
+        # The run's history, carried in its checkpoints: the steps it restarted from (failures,
+        # pauses) and the search's shared start it began from (warm_start.py), if any.
+        history = {"resumes": list(state.get("resumes", [])),
+                   "warm_start": state.get("warm_start")}
+        if "resumes" in state or history["warm_start"] is None:
+            history["resumes"].append(step)
+            print(f"[rank {me.rank}] resumed from checkpoint at step {step}", flush=True)
+        else:  # the copy of the search's shared prefix: a start, not a restart
+            print(f"[rank {me.rank}] started from the search's shared first {step} steps",
+                  flush=True)
         del state
     model = ray_train.prepare_model(network, device=me.device)
 
@@ -235,10 +243,10 @@ def train_loop(config: dict) -> None:
                     line = _progress_line(last_metrics, step, recipe.iterations, started)
                     print(line, flush=True)
             if step % spec.checkpoint_every == 0 or step == end:
-                _checkpoint(network, optimizer, step, run_id, resumes, spec, me, last_metrics)
+                _checkpoint(network, optimizer, step, run_id, history, spec, me, last_metrics)
         skip = 0
     if me.is_chief:
-        if resumes and resumes[-1] >= recipe.iterations:
+        if history["resumes"] and history["resumes"][-1] >= recipe.iterations:
             tracker.end_run()  # trained to the end before: the model is logged already
         elif step >= recipe.iterations:
             _finish_tracking(tracker, network, recipe)
@@ -285,12 +293,12 @@ def _progress_line(metrics: dict, step: int, total: int, started: float) -> str:
             f"ETA {eta:.0f}s")
 
 
-def _checkpoint(network, optimizer, step, run_id, resumes, spec, me, metrics) -> None:
-    """`resumes`: the steps this run restarted from so far (its failures and pauses)."""
+def _checkpoint(network, optimizer, step, run_id, history, spec, me, metrics) -> None:
+    """`history`: `resumes` (the steps this run restarted from so far) and `warm_start`."""
     with ray_train.checkpoint_dir(step) as folder:
         if me.is_chief:
             torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step, "mlflow_run_id": run_id, "resumes": resumes},
+                        "step": step, "mlflow_run_id": run_id, **history},
                        folder / STATE_FILE)
             (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
         report = {k: v for k, v in metrics.items() if isinstance(v, int | float)}

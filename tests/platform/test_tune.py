@@ -19,6 +19,8 @@ import yaml
 from optuna.trial import TrialState
 
 from dynroute.models import BUDGETS
+from dynroute.platform import study as S
+from dynroute.platform import trial as TR
 from dynroute.platform import tune as T
 from dynroute.platform.training import TrackingSpec, TrainSpec
 
@@ -29,12 +31,12 @@ TINY_MODEL = {"layers": 4, "base_channels": 4, "num_classes": 19}
 TINY_TRAIN = {"iterations": 4, "batch_size": 2, "crop": [64, 64], "warmup_iterations": 1}
 
 
-def search(tmp_path: Path, **overrides) -> T.SearchSpec:
+def search(tmp_path: Path, **overrides) -> S.SearchSpec:
     settings = {"study": "s", "storage": str(tmp_path / "optuna.journal"),
                 "results": str(tmp_path / "tune"), "num_samples": 3, "space": SPACE,
                 "iterations": 4, "seed_budgets": ("dynamic-a", "dynamic-b"),
                 "max_concurrent": 2, "cost_resolution": (64, 128)}
-    return T.SearchSpec(**(settings | overrides))
+    return S.SearchSpec(**(settings | overrides))
 
 
 def base_spec(data: Path, uri: str | None = None) -> TrainSpec:
@@ -44,9 +46,9 @@ def base_spec(data: Path, uri: str | None = None) -> TrainSpec:
 
 # -- space, seeds, settings ------------------------------------------------------------------
 def test_space_parses_dotted_keys_into_ranges():
-    ranges = T.parse_space(SPACE | {"model.layers": {"low": 4, "high": 8}})
-    assert ranges["train.lambda2"] == T.Range("train.lambda2", 0.05, 1.5, log=True)
-    assert ranges["train.mu"] == T.Range("train.mu", 0.0, 0.6, log=False)
+    ranges = S.parse_space(SPACE | {"model.layers": {"low": 4, "high": 8}})
+    assert ranges["train.lambda2"] == S.Range("train.lambda2", 0.05, 1.5, log=True)
+    assert ranges["train.mu"] == S.Range("train.mu", 0.0, 0.6, log=False)
     assert ranges["model.layers"].integer and not ranges["train.mu"].integer
 
 
@@ -66,17 +68,17 @@ def test_space_parses_dotted_keys_into_ranges():
     ({"model.layers": {"low": 4, "high": 8.5}}, r"model.layers is an integer"),
 ])
 def test_bad_space_gets_an_error_naming_the_key(space, message):
-    with pytest.raises(T.SearchError, match=message):
-        T.parse_space(space)
+    with pytest.raises(S.SearchError, match=message):
+        S.parse_space(space)
 
 
 def test_seed_points_are_the_papers_budgets():
-    points = T.seed_points(["dynamic-a", "dynamic-c"], T.parse_space(SPACE))
+    points = S.seed_points(["dynamic-a", "dynamic-c"], S.parse_space(SPACE))
     a, c = BUDGETS["dynamic-a"], BUDGETS["dynamic-c"]
     assert points == [("dynamic-a", {"train.lambda2": a.lambda2, "train.mu": a.mu}),
                       ("dynamic-c", {"train.lambda2": c.lambda2, "train.mu": c.mu})]
-    only_mu = T.parse_space({"train.mu": {"low": 0.0, "high": 0.6}})
-    assert T.seed_points(["dynamic-b"], only_mu) == [("dynamic-b", {"train.mu": 0.1})]
+    only_mu = S.parse_space({"train.mu": {"low": 0.0, "high": 0.6}})
+    assert S.seed_points(["dynamic-b"], only_mu) == [("dynamic-b", {"train.mu": 0.1})]
 
 
 @pytest.mark.parametrize(("budgets", "space", "message"), [
@@ -86,8 +88,8 @@ def test_seed_points_are_the_papers_budgets():
     (["dynamic-a"], {"train.lr": {"low": 0.01, "high": 0.1}}, "searches neither"),
 ])
 def test_bad_seeds_are_rejected_clearly(budgets, space, message):
-    with pytest.raises(T.SearchError, match=message):
-        T.seed_points(budgets, T.parse_space(space))
+    with pytest.raises(S.SearchError, match=message):
+        S.seed_points(budgets, S.parse_space(space))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -117,12 +119,12 @@ def test_concurrency_comes_from_resources_and_per_trial_needs(tmp_path, prepared
     gpu = replace(base, use_gpu=True, workers=2)
     assert T.max_concurrent_trials(spec, gpu, {"CPU": 16.0, "GPU": 4.0}) == 2
     assert T.max_concurrent_trials(search(tmp_path, max_concurrent=3), base, {"CPU": 1}) == 3
-    with pytest.raises(T.SearchError, match=r"a trial needs 3\.0 CPU but Ray reports 2\.0"):
+    with pytest.raises(S.SearchError, match=r"a trial needs 3\.0 CPU but Ray reports 2\.0"):
         T.max_concurrent_trials(spec, replace(base, workers=2), {"CPU": 2.0})
 
 
 def test_trial_spec_applies_params_and_names_the_run(tmp_path, prepared):
-    spec = T.trial_spec(search(tmp_path, iterations=7), base_spec(prepared),
+    spec = TR.trial_spec(search(tmp_path, iterations=7), base_spec(prepared),
                         {"train.lambda2": 0.3, "model.base_channels": 8}, run_name="s-t004",
                         parent_run_id="parent", tags={"study": "s"})
     assert spec.train["lambda2"] == 0.3 and spec.train["iterations"] == 7
@@ -135,20 +137,20 @@ def test_trial_spec_applies_params_and_names_the_run(tmp_path, prepared):
 def test_a_report_without_both_objectives_fails_loudly():
     report = {"miou": 0.5, "gflops_mean": 1.0, "gflops_max": 2.0, "gflops_min": 0.5,
               "gflops_p50": 1.0, "gflops_p90": 1.5, "step": 4, "checkpoint": "/x"}
-    assert T.check_report(report, where="t")["gflops_mean"] == 1.0
+    assert S.check_report(report, where="t")["gflops_mean"] == 1.0
     with pytest.raises(ValueError, match=r"trial 3: the report lacks finite gflops_mean"):
-        T.check_report({k: v for k, v in report.items() if k != "gflops_mean"}, where="trial 3")
+        S.check_report({k: v for k, v in report.items() if k != "gflops_mean"}, where="trial 3")
     with pytest.raises(ValueError, match="lacks finite miou"):
-        T.check_report(report | {"miou": float("nan")}, where="trial 3")
+        S.check_report(report | {"miou": float("nan")}, where="trial 3")
 
 
 # -- the study's resume rules (Optuna alone) -------------------------------------------------
 def test_interrupted_trials_are_requeued_under_their_run_name(tmp_path):
     spec = search(tmp_path, num_samples=4)
-    study = T.load_study(spec)
-    for name, point in T.seed_points(spec.seed_budgets, spec.ranges):
-        study.enqueue_trial(point, user_attrs={T.SEEDED_ATTR: name}, skip_if_exists=True)
-    define = T._DefineTrial(spec.ranges.values(), spec.study)
+    study = S.load_study(spec)
+    for name, point in S.seed_points(spec.seed_budgets, spec.ranges):
+        study.enqueue_trial(point, user_attrs={S.SEEDED_ATTR: name}, skip_if_exists=True)
+    define = S.DefineTrial(spec.ranges.values(), spec.study)
     first = study.ask()
     assert define(first)["run_name"] == "s-t000"
     study.tell(first, [0.5, 1.0])
@@ -157,14 +159,14 @@ def test_interrupted_trials_are_requeued_under_their_run_name(tmp_path):
     assert config == {"optuna_trial": 1, "run_name": "s-t001", "seeded_from": "dynamic-b"}
 
     # a new driver: the same study from the same journal
-    study = T.load_study(spec)
-    assert T.requeue_interrupted(study) == [1]
-    for name, point in T.seed_points(spec.seed_budgets, spec.ranges):  # again: no duplicates
-        study.enqueue_trial(point, user_attrs={T.SEEDED_ATTR: name}, skip_if_exists=True)
+    study = S.load_study(spec)
+    assert S.requeue_interrupted(study) == [1]
+    for name, point in S.seed_points(spec.seed_budgets, spec.ranges):  # again: no duplicates
+        study.enqueue_trial(point, user_attrs={S.SEEDED_ATTR: name}, skip_if_exists=True)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL,
                                          TrialState.WAITING]
-    assert T.finished_trials(trials) == 1, "the abandoned trial does not count"
+    assert S.finished_trials(trials) == 1, "the abandoned trial does not count"
     retry = study.ask()
     again = define(retry)
     assert retry.number == 2 and again["run_name"] == "s-t001", "resumes the old training"
@@ -173,30 +175,30 @@ def test_interrupted_trials_are_requeued_under_their_run_name(tmp_path):
 
 
 def test_a_study_with_other_objectives_is_refused(tmp_path):
-    T.load_study(search(tmp_path))
-    with pytest.raises(T.SearchError, match="was run in pareto mode"):
-        T.load_study(search(tmp_path, max_gflops=1.0))
+    S.load_study(search(tmp_path))
+    with pytest.raises(S.SearchError, match="was run in pareto mode"):
+        S.load_study(search(tmp_path, max_gflops=1.0))
 
 
 def test_an_existing_study_needs_resume_and_a_full_one_is_not_rerun(tmp_path, prepared):
     spec = search(tmp_path, num_samples=2)
-    study = T.load_study(spec)
+    study = S.load_study(spec)
     for value in (0.1, 0.2):
         trial = study.ask()
-        T._DefineTrial(spec.ranges.values(), spec.study)(trial)
+        S.DefineTrial(spec.ranges.values(), spec.study)(trial)
         for key, figure in {"miou": value, "gflops_mean": 1.0, "gflops_max": 1.0,
                             "gflops_min": 1.0, "gflops_p50": 1.0, "gflops_p90": 1.0,
                             "step": 4}.items():
             trial.set_user_attr(key, figure)
         study.tell(trial, [value, 1.0])
-    with pytest.raises(T.SearchError, match="continue it with --resume"):
+    with pytest.raises(S.SearchError, match="continue it with --resume"):
         T.run_study(spec, base_spec(prepared))
     started = time.monotonic()
     path = T.run_study(spec, base_spec(prepared), resume=True)  # nothing left: no Ray, no trial
     assert time.monotonic() - started < 5
     document = json.loads(path.read_text())
     assert [t["miou"] for t in document["trials"]] == [0.1, 0.2]
-    assert len(T.load_study(spec).trials) == 2
+    assert len(S.load_study(spec).trials) == 2
 
 
 # -- resume after the driver was killed ------------------------------------------------------
@@ -225,9 +227,12 @@ def study_trials(tmp_path: Path):
     if not journal.exists():
         return []
     try:
-        return optuna.load_study(study_name="r", storage=T.open_storage(str(journal))).trials
+        return optuna.load_study(study_name="r", storage=S.open_storage(str(journal))).trials
     except KeyError:  # the study is not created yet
         return []
+
+
+SHARED_STEPS = 9  # ⌊0.4 · 24⌋: the trials start from the study's shared prefix (warm start)
 
 
 @pytest.mark.slow
@@ -251,6 +256,7 @@ def test_resume_after_the_driver_is_killed(prepared, tmp_path):
             if done and running and running[0].user_attrs.get("run_name"):
                 run_dir = tmp_path / "tune" / "trials" / running[0].user_attrs["run_name"]
                 reached = [int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*")]
+                reached = [step for step in reached if step > SHARED_STEPS]
                 if reached:  # mid-training (24 iterations, a checkpoint every 2)
                     break
             time.sleep(0.1)
@@ -387,10 +393,47 @@ def test_a_tracked_study_with_mo_asha_writes_trials_and_child_runs(ray_cluster, 
     rung = client.get_metric_history(early.info.run_id, "miou")
     assert [(m.step, m.value) for m in rung] == [(2, stopped["last_rung"]["miou"])]
     # the study in storage agrees with the file: the stopped trial is PRUNED, without values
-    study = optuna.load_study(study_name="s", storage=T.open_storage(spec.storage))
+    study = optuna.load_study(study_name="s", storage=S.open_storage(spec.storage))
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
     assert study.trials[0].values == [kept["miou"], kept["gflops_mean"]]
     assert study.trials[1].values is None
+
+
+@pytest.mark.slow
+def test_trials_start_from_a_shared_prefix(ray_cluster, mlflow_server, prepared, tmp_path):
+    """Before the budget acts (40% of 10 steps) trials that differ only in λ2, μ compute the
+    same thing: it is trained once, as the study's prefix run, and each trial continues it."""
+    from mlflow import MlflowClient
+
+    spec = search(tmp_path, num_samples=2, iterations=10, max_concurrent=1)
+    base = base_spec(prepared, mlflow_server.uri)
+    base = replace(base, tracking=replace(base.tracking, experiment="tune-warm"))
+    document = json.loads(T.run_study(spec, base).read_text())
+    assert [t["state"] for t in document["trials"]] == ["COMPLETE", "COMPLETE"]
+    assert [t["id"] for t in document["trials"]] == ["s-t000", "s-t001"], "no prefix trial"
+
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("tune-warm")
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{document['parent_run_id']}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert sorted(by_name) == ["s-prefix", "s-t000", "s-t001"]
+    prefix = by_name.pop("s-prefix")
+    assert prefix.info.status == "FINISHED"
+    history = client.get_metric_history(prefix.info.run_id, "loss_seg")
+    assert [m.step for m in history] == [2, 4], "the prefix trains the first 4 steps"
+    for record in document["trials"]:
+        run = by_name[record["id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["warm_start"] == prefix.info.run_id
+        history = client.get_metric_history(run.info.run_id, "loss_seg")
+        assert [m.step for m in history] == [6, 8, 10], "each trial trains the other 6"
+        state = torch.load(Path(record["checkpoint"]) / "state.pt", weights_only=False)
+        assert state["step"] == 10 and state["resumes"] == [], "a start, not a restart"
+        assert state["warm_start"] == {"step": 4, "run_id": prefix.info.run_id}
+        assert float(run.data.params["lambda2"]) == pytest.approx(record["lambda2"])
+    trials = tmp_path / "tune" / "trials"
+    assert max(p.name for p in (trials / "s-prefix").iterdir()) == "checkpoint_00000004"
 
 
 @pytest.mark.slow
@@ -400,7 +443,7 @@ def test_hard_budget_mode_records_constraint_values(ray_cluster, prepared, tmp_p
     path = T.run_study(spec, base_spec(prepared))
     document = json.loads(path.read_text())
     assert document["mode"] == "constrained" and document["max_gflops"] == budget
-    study = optuna.load_study(study_name="s", storage=T.open_storage(spec.storage))
+    study = optuna.load_study(study_name="s", storage=S.open_storage(spec.storage))
     assert len(study.directions) == 1 and study.directions[0].name == "MAXIMIZE"
     assert len(document["trials"]) == 2
     for record, trial in zip(document["trials"], study.trials, strict=True):

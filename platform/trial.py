@@ -1,0 +1,174 @@
+"""One trial of the budget search: train rung by rung, evaluate with hard routing, report.
+
+`run_trial` is the Tune function. Each rung (train up to the rung, then evaluate on the search
+split) runs as a Ray task, `train_and_evaluate`, that reserves the trial's CPUs (and GPU):
+Ray Train V2's in-process mode refuses to run inside a Tune function. The trial's training run is
+named after the Optuna trial, so running the trial again resumes its checkpoint and MLflow run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from dynroute.platform import metrics as M
+from dynroute.platform import ray_train
+from dynroute.platform.study import SEEDED_ATTR, STEP, SearchSpec, apply_params, check_report
+from dynroute.platform.training import STATE_FILE, TrainSpec
+from dynroute.platform.warm_start import WARM_START_TAG, seed_run
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    base: dict  # TrainSpec.to_dict() of the trials' common spec
+    search: SearchSpec
+    parent_run_id: str | None
+    task_gpus: float
+    warm_start: str | None = None  # the shared prefix's checkpoint (warm_start.py), if any
+    warm_start_run_id: str | None = None  # its MLflow run
+
+
+def trial_storage(search: SearchSpec, base: TrainSpec) -> str:
+    """Where trials keep their training runs: `{results}/trials`, or for a remote run.storage
+    (multi-node training needs shared storage) `{run.storage}/{study}`."""
+    if "://" in base.storage:
+        return f"{base.storage.rstrip('/')}/{search.study}"
+    return str(search.results_dir() / "trials")
+
+
+def trial_spec(search: SearchSpec, base: TrainSpec, params: Mapping[str, object], *,
+               run_name: str, parent_run_id: str | None, tags: Mapping[str, str]) -> TrainSpec:
+    """The training of one trial: its params, its deterministic name, a child MLflow run."""
+    spec = apply_params(base, params)
+    return replace(spec, name=run_name, storage=trial_storage(search, base),
+                   train=dict(spec.train) | {"iterations": search.iterations},
+                   tracking=replace(spec.tracking, run_name=run_name,
+                                    parent_run_id=parent_run_id,
+                                    tags=dict(spec.tracking.tags) | dict(tags)))
+
+
+def run_trial(config: dict, setup: TrialSetup) -> None:
+    """The Tune function of one trial: train and evaluate rung by rung, report each."""
+    search = setup.search
+    params = {k: config[k] for k in search.ranges}
+    tags = {"study": search.study, "optuna_trial": str(config["optuna_trial"])}
+    if config.get("seeded_from"):
+        tags[SEEDED_ATTR] = config["seeded_from"]
+    if setup.warm_start:
+        tags[WARM_START_TAG] = setup.warm_start_run_id or setup.warm_start
+    spec = trial_spec(search, TrainSpec.from_dict(setup.base), params,
+                      run_name=config["run_name"], parent_run_id=setup.parent_run_id, tags=tags)
+    if setup.warm_start:  # a trial that trained before resumes from its own checkpoint
+        seed_run(setup.warm_start, f"{spec.storage.rstrip('/')}/{spec.name}")
+    stage = ray.remote(train_and_evaluate).options(
+        num_cpus=search.trial_cpus, num_gpus=setup.task_gpus, max_retries=0)
+    for stop in search.stops:
+        final = stop >= search.iterations
+        report = ray.get(stage.remote(spec.to_dict(), stop=None if final else stop,
+                                      split=search.split,
+                                      cost_resolution=search.cost_resolution))
+        check_report(report, where=f"trial {config['run_name']} at step {stop}")
+        tune.report(report)
+
+
+def train_prefix(spec_dict: dict) -> tuple[str, str | None]:
+    """Train the study's shared prefix (warm_start.py; a training paused at step P, or found
+    there already) and end its MLflow run FINISHED: (its checkpoint, the run id)."""
+    from dynroute.platform.training import train
+
+    spec = TrainSpec.from_dict(spec_dict)
+    result = train(spec)
+    checkpoint = result.checkpoint or ray_train.newest_checkpoint(
+        f"{spec.storage.rstrip('/')}/{spec.name}")
+    if checkpoint is None:
+        raise RuntimeError(f"the shared prefix {spec.name} left no checkpoint")
+    state = ray_train.load_state(str(checkpoint), name=STATE_FILE)
+    if int(state["step"]) != spec.stop_at:
+        raise RuntimeError(f"the shared prefix {spec.name} is at step {state['step']}, not "
+                           f"{spec.stop_at}: remove {spec.storage}/{spec.name} and run again")
+    run_id = state.get("mlflow_run_id")
+    end_trial_run(spec.tracking.uri, spec.tracking.experiment, run_id, "FINISHED")
+    return str(checkpoint), run_id
+
+
+def _completed_checkpoint(spec: TrainSpec) -> Path | None:
+    """The final checkpoint of a local run that already trained to the end, else None."""
+    if "://" in spec.storage:
+        return None
+    from dynroute.platform.ray_train import CHECKPOINT_PREFIX
+
+    folder = Path(spec.storage) / spec.name / f"{CHECKPOINT_PREFIX}{spec.recipe.iterations:08d}"
+    return folder if (folder / STATE_FILE).is_file() else None
+
+
+def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
+                       cost_resolution: tuple[int, int]) -> dict:
+    """Train `spec` up to `stop` (None: the end), evaluate its checkpoint on `split` with hard
+    routing, log the figures to its MLflow run; the report (objectives, GFLOPs, step, ids)."""
+    import torch
+
+    from dynroute.models import build_network
+    from dynroute.platform.dataset import ShardDataset
+    from dynroute.platform.evaluation import evaluate
+    from dynroute.platform.shards import read_manifest
+    from dynroute.platform.training import train
+
+    spec = TrainSpec.from_dict(spec_dict)
+    final = stop is None
+    checkpoint = _completed_checkpoint(spec) if final else None
+    if checkpoint is None:  # else: trained to the end before a restart; do not log it twice
+        checkpoint = train(replace(spec, stop_at=stop)).checkpoint
+    if checkpoint is None:
+        raise RuntimeError(f"training {spec.name} left no checkpoint to evaluate")
+    state = ray_train.load_state(str(checkpoint), name=STATE_FILE)
+    step, run_id = int(state["step"]), state.get("mlflow_run_id")
+    try:
+        network = build_network(spec.network)
+        network.load_state_dict(state["model"])
+        manifest = read_manifest(spec.data)
+        with torch.inference_mode():
+            result = evaluate(network, ShardDataset(root=spec.data, split=split, train=False,
+                                                    crop=None),
+                              num_classes=manifest.num_classes,
+                              class_names=manifest.class_names,
+                              cost_resolution=tuple(cost_resolution))
+        g = result.gflops
+        figures = {M.MIOU: result.miou, M.GFLOPS_MEAN: g.mean, M.GFLOPS_MAX: g.max,
+                   M.GFLOPS_MIN: g.min, M.GFLOPS_P50: g.p50, M.GFLOPS_P90: g.p90}
+        report = figures | {STEP: step, "iterations": spec.recipe.iterations,
+                            "checkpoint": str(checkpoint), "mlflow_run_id": run_id or ""}
+        check_report(report, where=f"{spec.name} at step {step}")
+    except Exception:  # the trial fails: so does its run (the training may have finished it)
+        end_trial_run(spec.tracking.uri, spec.tracking.experiment, run_id, "FAILED")
+        raise
+    if run_id and spec.tracking.uri:
+        _log_evaluation(spec, run_id, figures, step=step, final=final)
+    return report
+
+
+def _log_evaluation(spec: TrainSpec, run_id: str, figures: dict, *, step: int,
+                    final: bool) -> None:
+    """Rung and final figures on the trial's run; the final ones end it FINISHED."""
+    from dynroute.platform.tracking import Tracker
+
+    tracker = Tracker(uri=spec.tracking.uri, experiment=spec.tracking.experiment)
+    tracker.resume_run(run_id)
+    tracker.log_metrics(figures, step=step)
+    if not final:
+        tracker.flush()  # the training goes on in this run at the next rung
+        return
+    lambda2, mu = spec.recipe.budget_weights
+    tracker.log_params({"lambda2": lambda2, "mu": mu})
+    tracker.end_run("FINISHED")
+
+
+def end_trial_run(uri: str | None, experiment: str, run_id: str | None, status: str) -> None:
+    if not uri or not run_id:
+        return
+    from dynroute.platform.tracking import Tracker
+
+    Tracker(uri=uri, experiment=experiment).terminate(run_id, status)

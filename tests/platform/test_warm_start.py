@@ -1,0 +1,71 @@
+"""The search's shared start: when trials may share it, and the copy each trial starts from."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynroute.platform import ray_train
+from dynroute.platform.training import STATE_FILE
+from dynroute.platform.warm_start import prefix_steps, seed_run
+
+BUDGET = frozenset({"train.lambda2", "train.mu"})
+
+
+@pytest.mark.parametrize(("searched", "stops", "budget_start", "expected"), [
+    (BUDGET, (100,), 0.4, 40),
+    ({"train.mu"}, (100,), 0.4, 40),
+    (BUDGET, (50, 100), 0.4, 40),  # a rung after the shared steps
+    (BUDGET, (25, 50, 100), 0.4, 0),  # a rung inside them would compare identical models
+    (BUDGET, (40, 100), 0.4, 0),  # ... and so would one at their end
+    (BUDGET | {"train.lr"}, (100,), 0.4, 0),  # the learning rate acts from step 1
+    ({"model.base_channels"}, (100,), 0.4, 0),  # another network
+    (frozenset(), (100,), 0.4, 0),
+    (BUDGET, (100,), 0.0, 0),  # the budget acts from the start
+    (BUDGET, (100,), 0.999, 99),
+    (BUDGET, (100,), 1.0, 0),  # no budget at all: nothing after the prefix
+])
+def test_prefix_steps(searched, stops, budget_start, expected):
+    assert prefix_steps(searched=searched, stops=stops, iterations=100,
+                        budget_start=budget_start) == expected
+
+
+def _prefix_checkpoint(folder: Path, step: int) -> Path:
+    checkpoint = folder / f"checkpoint_{step:08d}"
+    checkpoint.mkdir(parents=True)
+    torch.save({"model": {"w": torch.arange(3.0)}, "optimizer": {"state": {}}, "step": step,
+                "mlflow_run_id": "prefix-run", "resumes": [7]}, checkpoint / STATE_FILE)
+    return checkpoint
+
+
+def _check_copy(state: dict, step: int) -> None:
+    assert state["step"] == step
+    assert state["warm_start"] == {"step": step, "run_id": "prefix-run"}
+    assert torch.equal(state["model"]["w"], torch.arange(3.0))
+    assert state["mlflow_run_id"] is None, "the trial logs into a run of its own"
+    assert "resumes" not in state, "the prefix's history is not the trial's"
+
+
+def test_seed_run_puts_a_copy_where_training_resumes_from(tmp_path):
+    prefix = _prefix_checkpoint(tmp_path / "prefix", 12)
+    run_dir = tmp_path / "trials" / "s-t000"
+    assert seed_run(str(prefix), str(run_dir))
+    _check_copy(ray_train.latest_state(str(run_dir), name=STATE_FILE, in_worker=False), 12)
+    assert [p.name for p in run_dir.iterdir()] == ["checkpoint_00000012"], "no temporary left"
+    # a trial that trained before keeps its own checkpoint
+    torch.save({"step": 30, "model": {}, "optimizer": {}}, run_dir / "x.pt")
+    own = run_dir / "checkpoint_00000030"
+    own.mkdir()
+    (run_dir / "x.pt").rename(own / STATE_FILE)
+    assert not seed_run(str(prefix), str(run_dir))
+    assert ray_train.latest_state(str(run_dir), name=STATE_FILE, in_worker=False)["step"] == 30
+
+
+def test_seed_run_into_s3(s3, tmp_path):
+    prefix = _prefix_checkpoint(tmp_path / "prefix", 8)
+    uri = s3.upload(prefix.parent, "warm", "study/s-prefix")
+    run_dir = "s3://warm/study/s-t001"
+    assert seed_run(f"{uri}/checkpoint_00000008", run_dir)
+    assert s3.keys("warm", "study/s-t001") == [f"study/s-t001/checkpoint_00000008/{STATE_FILE}"]
+    _check_copy(ray_train.latest_state(run_dir, name=STATE_FILE, in_worker=False), 8)
+    assert not seed_run(f"{uri}/checkpoint_00000008", run_dir)
