@@ -167,16 +167,17 @@ def max_concurrent_trials(spec: SearchSpec, base: TrainSpec, resources: Mapping[
 class _StudyCallback(tune.Callback):
     """Ends the MLflow runs of stopped and failed trials; calls on_trial for progress."""
 
-    def __init__(self, *, search: SearchSpec, base: TrainSpec, done: int,
+    def __init__(self, *, search: SearchSpec, base: TrainSpec, done: int, parent_id: str | None,
                  on_trial: Callable[[dict, int, int], None] | None) -> None:
         self.search, self.base, self.done, self.on_trial = search, base, done, on_trial
+        self.parent_id = parent_id
 
     def _finish(self, trial, state: str) -> None:
         result = trial.last_result or {}
         if state != "COMPLETE":
             status = "KILLED" if state == "PRUNED" else "FAILED"
             end_trial_run(self.base.tracking.uri, self.base.tracking.experiment,
-                           result.get("mlflow_run_id") or None, status)
+                           result.get("mlflow_run_id") or self._run_of(trial), status)
         self.done += 1
         if self.on_trial is not None:
             number = trial.config.get("optuna_trial")
@@ -184,6 +185,17 @@ class _StudyCallback(tune.Callback):
                      "number": number, "state": state,
                      **{k: result.get(k) for k in (*REPORT_KEYS, STEP)}}
             self.on_trial(entry, self.done, self.search.num_samples)
+
+    def _run_of(self, trial) -> str | None:
+        """The MLflow run of a trial that failed before its first report (its process died
+        before the training could end the run), found by name under the study's run."""
+        name = trial.config.get("run_name")
+        if not (self.base.tracking.uri and self.parent_id and name):
+            return None
+        from dynroute.platform.tracking import Tracker
+
+        tracker = Tracker(uri=self.base.tracking.uri, experiment=self.base.tracking.experiment)
+        return tracker.find_child_run(run_name=name, parent_run_id=self.parent_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         step = (trial.last_result or {}).get(STEP, 0)
@@ -311,7 +323,8 @@ def _fit(search, base, study, storage, *, done, remaining, parent_id, on_trial, 
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     trial_resources(search, base))
     concurrent = max_concurrent_trials(search, base, ray.cluster_resources())
-    callback = _StudyCallback(search=search, base=base, done=done, on_trial=on_trial)
+    callback = _StudyCallback(search=search, base=base, done=done, parent_id=parent_id,
+                              on_trial=on_trial)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,

@@ -437,6 +437,40 @@ def test_trials_start_from_a_shared_prefix(ray_cluster, mlflow_server, prepared,
 
 
 @pytest.mark.slow
+def test_a_trial_whose_process_dies_ends_its_run_failed(ray_cluster, mlflow_server, prepared,
+                                                        tmp_path):
+    """SIGKILL of the trial's training task (as the OOM killer would) leaves nobody in the
+    trial to end its MLflow run: the driver finds it by name and ends it FAILED."""
+    from mlflow import MlflowClient
+
+    spec = search(tmp_path, num_samples=1, seed_budgets=("dynamic-a",), iterations=400,
+                  max_failures=0, warm_start=False)
+    base = base_spec(prepared, mlflow_server.uri)
+    base = replace(base, tracking=replace(base.tracking, experiment="tune-killed"))
+    run_dir = tmp_path / "tune" / "trials" / "s-t000"
+    killed = threading.Event()
+
+    def kill_when_training() -> None:
+        deadline = time.monotonic() + 240
+        while not list(run_dir.glob("checkpoint_*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        killed.set()
+        subprocess.run(["pkill", "-9", "-f", "ray::train_and_evaluate"], check=False)
+
+    killer = threading.Thread(target=kill_when_training, daemon=True)
+    killer.start()
+    document = json.loads(T.run_study(spec, base).read_text())
+    killer.join(timeout=10)
+    assert killed.is_set() and list(run_dir.glob("checkpoint_*")), "killed mid-training"
+    assert [t["state"] for t in document["trials"]] == ["FAILED"]
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("tune-killed")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert runs["s-t000"].info.status == "FAILED", "not left RUNNING"
+    assert runs["s-t000"].data.tags["mlflow.parentRunId"] == document["parent_run_id"]
+
+
+@pytest.mark.slow
 def test_hard_budget_mode_records_constraint_values(ray_cluster, prepared, tmp_path):
     budget = 0.00143
     spec = search(tmp_path, num_samples=2, seed_budgets=("dynamic-c",), max_gflops=budget)
