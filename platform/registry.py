@@ -435,6 +435,23 @@ def _description(front: Front, wanted: Mapping[str, Point], version_of: Mapping[
     return "\n".join(lines)
 
 
+def _settle_duplicates(client: MlflowClient, name: str, created_for: Mapping[str, str],
+                       version_of: dict[str, str], state: RegistryState) -> None:
+    """Another `register` at the same time may have registered the same runs: nothing locks the
+    registry. For every run the oldest version wins; the newer ones this call created are
+    deleted and its points map to the winner, so both calls end with one version per run."""
+    oldest: dict[str, str] = {}
+    for version in _versions(client, name):  # oldest first
+        if version.run_id:
+            oldest.setdefault(version.run_id, str(version.version))
+    for point_id, version in list(version_of.items()):
+        winner = oldest.get(created_for.get(version, ""), version)
+        if winner != version:
+            client.delete_model_version(name, version)
+            state.created.remove(version)
+            version_of[point_id] = winner
+
+
 def register_front(pareto: Mapping | str | os.PathLike, *, tracking_uri: str, name: str,
                    budget_edges: Sequence[float] = ()) -> RegistryState:
     """Register the Pareto front of a search as versions of one registered model, idempotently.
@@ -483,6 +500,7 @@ def register_front(pareto: Mapping | str | os.PathLike, *, tracking_uri: str, na
                           automatic_edges=automatic)
     version_of: dict[str, str] = {}
     on_front: set[str] = set()
+    created_for: dict[str, str] = {}  # version this call created → its run
     for point in front.points:
         tags = _version_tags(point, front)
         run_id = _run_id(point)
@@ -499,6 +517,8 @@ def register_front(pareto: Mapping | str | os.PathLike, *, tracking_uri: str, na
                                     f"{point.meta['model_uri']}: {err.message}") from None
             version = str(created.version)
             state.created.append(version)
+            if run_id:
+                created_for[version] = run_id
         else:
             version = str(match.version)
             if match.tags.get(TAG_PARETO) == "false":
@@ -508,6 +528,10 @@ def register_front(pareto: Mapping | str | os.PathLike, *, tracking_uri: str, na
                     client.set_model_version_tag(name, version, key, value)
         version_of[point.id] = version
         on_front.add(version)
+
+    if created_for:
+        _settle_duplicates(client, name, created_for, version_of, state)
+        on_front = set(version_of.values())
 
     # Aliases: move the managed ones onto the front, drop those no longer wanted.
     wanted = _desired_aliases(front, edges)

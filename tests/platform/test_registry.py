@@ -175,6 +175,45 @@ def test_registering_twice_registers_nothing_new(server, run_ids, client, tmp_pa
 
 
 @server_test
+def test_concurrent_registrations_end_with_one_version_per_trial(server, run_ids, client,
+                                                                 tmp_path):
+    """Nothing locks the registry: calls that list the versions at the same time all create
+    theirs. Afterwards each run keeps its oldest version and every call agrees on it."""
+    import threading
+
+    pareto = write_pareto(tmp_path / "pareto.json", FIRST, run_ids)
+    calls = 4
+    barrier = threading.Barrier(calls)
+    states, errors = [], []
+
+    def register() -> None:
+        barrier.wait()
+        try:
+            states.append(register_front(pareto, tracking_uri=server.uri, name="raced"))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register) for _ in range(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    versions = client.search_model_versions("name='raced'")
+    by_run: dict[str, list[int]] = {}
+    for version in versions:
+        by_run.setdefault(version.run_id, []).append(int(version.version))
+    assert sorted(by_run) == sorted(run_ids[t] for t in ("t0", "t1", "t2")), "the front only"
+    assert all(len(v) == 1 for v in by_run.values()), f"one version per run: {by_run}"
+    assert sum(len(state.created) for state in states) == 3, "each version counted once"
+    final = {a: str(v) for a, v in client.get_registered_model("raced").aliases.items()}
+    for state in states:
+        assert {v.version for v in state.versions} == {str(v[0]) for v in by_run.values()}
+    assert states[-1].aliases == final
+    assert set(final.values()) <= {str(v[0]) for v in by_run.values()}
+
+
+@server_test
 def test_a_new_front_moves_aliases_and_retags_leavers_without_deleting(server, run_ids, client,
                                                                        tmp_path):
     name = "moving"
