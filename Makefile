@@ -32,6 +32,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/dynamic_inference.py
 	$(BIN)/python benchmarks/data_loader.py
+	$(BIN)/python benchmarks/warm_start.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
