@@ -37,9 +37,9 @@ def study_steps(results: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--base-channels", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
