@@ -213,7 +213,7 @@ def train_loop(config: dict) -> None:
                            seed=recipe.seed, rank=me.rank, world_size=me.world_size)
     per_epoch = steps_per_epoch(len(dataset), recipe.batch_size)
     tracker, run_id = _worker_tracker(spec, me)
-    if step == 0:
+    if not history["resumes"]:  # a start (from zero or from the search's shared steps)
         tracker.log_metrics({"c_all_gflops": cost.all_open_expected() / 1e9}, step=0)
 
     sums = torch.zeros(5, dtype=torch.float64)  # seg, budget, expected FLOPs, grad norm, count

@@ -426,6 +426,7 @@ def test_trials_start_from_a_shared_prefix(ray_cluster, mlflow_server, prepared,
         run = by_name[record["id"]]
         assert run.info.status == "FINISHED"
         assert run.data.tags["warm_start"] == prefix.info.run_id
+        assert run.data.metrics["c_all_gflops"] > 0, "a start logs the all-open cost"
         history = client.get_metric_history(run.info.run_id, "loss_seg")
         assert [m.step for m in history] == [6, 8, 10], "each trial trains the other 6"
         state = torch.load(Path(record["checkpoint"]) / "state.pt", weights_only=False)
