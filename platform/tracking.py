@@ -532,6 +532,23 @@ class Tracker:
             batch.append(Metric(key=key, value=number, timestamp=timestamp, step=int(step)))
         self._sender.put(run_id, batch)
 
+    def copy_metrics(self, source_run_id: str, *, up_to_step: int) -> int:
+        """Copy the metric history of another run, steps ≤ `up_to_step`, into the active run
+        (with their original steps and timestamps); the number of points copied."""
+        if not self.enabled:
+            return 0
+        run_id = self._active()
+        copied = 0
+        for key in sorted(self._client.get_run(source_run_id).data.metrics):
+            points = [m for m in self._client.get_metric_history(source_run_id, key)
+                      if m.step <= up_to_step]
+            if points:
+                self._sender.put(run_id, [Metric(key=m.key, value=m.value,
+                                                 timestamp=m.timestamp, step=m.step)
+                                          for m in points])
+                copied += len(points)
+        return copied
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every buffered metric is on the server (default: `flush_timeout_s`).
 

@@ -150,6 +150,11 @@ def _open_run(spec: TrainSpec, manifest):
     tracker.log_params(flatten({"model": asdict(spec.network) | {"route": None},
                                 "train": spec.train, "data": spec.data,
                                 "workers": spec.workers}))
+    shared = state.get("warm_start") if isinstance(state, dict) else None
+    if shared and shared.get("run_id") and tracker.run_exists(shared["run_id"]):
+        # a search's shared start: its curve up to there is this run's too (warm_start.py)
+        tracker.copy_metrics(shared["run_id"], up_to_step=int(shared["step"]))
+        tracker.flush()
     return replace(spec, tracking=replace(spec.tracking, run_id=run_id)), tracker
 
 

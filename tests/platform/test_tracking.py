@@ -214,6 +214,22 @@ def test_find_child_run_terminate_and_run_exists(server: MlflowServer, tracker: 
 
 
 @server_test
+def test_copy_metrics_takes_the_history_up_to_a_step(server: MlflowServer, tracker: Tracker,
+                                                     client: MlflowClient) -> None:
+    source = Tracker(uri=server.uri, experiment=tracker.experiment)
+    with source.run(run_name="prefix") as source_id:
+        for step in (2, 4, 6):
+            source.log_metrics({LOSS_SEGMENTATION: 1.0 / step, LEARNING_RATE: 0.1 * step},
+                               step=step)
+    with tracker.run(run_name="trial") as run_id:
+        assert tracker.copy_metrics(source_id, up_to_step=4) == 4
+        tracker.log_metrics({LOSS_SEGMENTATION: 0.1}, step=6)
+    assert _history(client, run_id, LOSS_SEGMENTATION) == [(2, 0.5), (4, 0.25), (6, 0.1)]
+    assert _history(client, run_id, LEARNING_RATE) == [(2, 0.2), (4, 0.4)]
+    assert _history(client, source_id, LOSS_SEGMENTATION)[-1] == (6, 1.0 / 6), "source intact"
+
+
+@server_test
 def test_a_second_top_level_run_is_refused(tracker: Tracker) -> None:
     tracker.start_run(run_name="first")
     with pytest.raises(RuntimeError, match="still active"):

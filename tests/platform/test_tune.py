@@ -402,7 +402,8 @@ def test_a_tracked_study_with_mo_asha_writes_trials_and_child_runs(ray_cluster, 
 @pytest.mark.slow
 def test_trials_start_from_a_shared_prefix(ray_cluster, mlflow_server, prepared, tmp_path):
     """Before the budget acts (40% of 10 steps) trials that differ only in λ2, μ compute the
-    same thing: it is trained once, as the study's prefix run, and each trial continues it."""
+    same thing: it is trained once, as the study's prefix run, and each trial continues it
+    (its MLflow run gets the prefix's curve, then its own steps 6-10)."""
     from mlflow import MlflowClient
 
     spec = search(tmp_path, num_samples=2, iterations=10, max_concurrent=1)
@@ -428,7 +429,9 @@ def test_trials_start_from_a_shared_prefix(ray_cluster, mlflow_server, prepared,
         assert run.data.tags["warm_start"] == prefix.info.run_id
         assert run.data.metrics["c_all_gflops"] > 0, "a start logs the all-open cost"
         history = client.get_metric_history(run.info.run_id, "loss_seg")
-        assert [m.step for m in history] == [6, 8, 10], "each trial trains the other 6"
+        assert [m.step for m in history] == [2, 4, 6, 8, 10], "the whole curve in each run"
+        shared = client.get_metric_history(prefix.info.run_id, "loss_seg")
+        assert [m.value for m in history[:2]] == [m.value for m in shared], "copied"
         state = torch.load(Path(record["checkpoint"]) / "state.pt", weights_only=False)
         assert state["step"] == 10 and state["resumes"] == [], "a start, not a restart"
         assert state["warm_start"] == {"step": 4, "run_id": prefix.info.run_id}
