@@ -435,6 +435,27 @@ def _description(front: Front, wanted: Mapping[str, Point], version_of: Mapping[
     return "\n".join(lines)
 
 
+def _set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    """Point `alias` at `version`. A concurrent `register` may create the same new alias at the
+    same moment (the server's insert then fails on its unique key): set it again, now an update."""
+    for attempt in range(3):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as err:
+            if "UNIQUE" not in str(err).upper() or attempt == 2:
+                raise
+
+
+def _delete_alias(client: MlflowClient, name: str, alias: str) -> None:
+    """Remove `alias`; one a concurrent `register` removed already is gone all the same."""
+    try:
+        client.delete_registered_model_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
 def _settle_duplicates(client: MlflowClient, name: str, created_for: Mapping[str, str],
                        version_of: dict[str, str], state: RegistryState) -> None:
     """Another `register` at the same time may have registered the same runs: nothing locks the
@@ -538,10 +559,10 @@ def register_front(pareto: Mapping | str | os.PathLike, *, tracking_uri: str, na
     current = dict(client.get_registered_model(name).aliases)
     for alias, point in wanted.items():
         if current.get(alias) != version_of[point.id]:
-            client.set_registered_model_alias(name, alias, version_of[point.id])
+            _set_alias(client, name, alias, version_of[point.id])
     for alias in sorted(current):
         if _managed(alias) and alias not in wanted:
-            client.delete_registered_model_alias(name, alias)
+            _delete_alias(client, name, alias)
 
     # Versions that left the front: tagged, never deleted.
     for version in existing:
