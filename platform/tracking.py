@@ -420,10 +420,7 @@ class Tracker:
             raise ValueError(f"status {status!r} is not one of {_RUN_STATUSES}")
         run_id = self._active()
         self._runs.pop()
-        try:
-            self.flush()
-        finally:
-            self._client.set_terminated(run_id, status=status)
+        self.terminate(run_id, status)
 
     def run_exists(self, run_id: str) -> bool:
         """Whether the server knows the run (False for one deleted or from another server)."""
