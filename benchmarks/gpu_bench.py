@@ -572,6 +572,7 @@ class InferCase:
     compile: str | None = None
     mode: str | None = None
     hard: bool = True
+    fold_bn: bool = False  # every BN folded into its conv (models/fusion.py)
     cudnn_benchmark: bool = False
     cuda_only: bool = False
     optional: bool = False
@@ -590,6 +591,9 @@ INFER_CASES = (
     InferCase("bf16 weights + channels-last", bf16_weights=True, channels_last=True),
     InferCase("bf16 w + CL + cudnn.benchmark", bf16_weights=True, channels_last=True,
               cudnn_benchmark=True, cuda_only=True),
+    InferCase("folded BN + CL (default)", channels_last=True, fold_bn=True),
+    InferCase("folded BN + bf16 w + CL + cudnn.bm", bf16_weights=True, channels_last=True,
+              fold_bn=True, cudnn_benchmark=True, cuda_only=True),
     InferCase("compile blocks + bf16 w + CL", bf16_weights=True, channels_last=True,
               compile="blocks"),
     InferCase("static soft forward fp32", hard=False),
@@ -623,8 +627,10 @@ class InferRunner:
     """
 
     def __init__(self, net: nn.Module, case: InferCase, *, backend: str = "inductor") -> None:
+        from dynroute.models.fusion import fold_batchnorm
+
         self.case = case
-        self.net = copy.deepcopy(net).eval()
+        self.net = fold_batchnorm(net) if case.fold_bn else copy.deepcopy(net).eval()
         if case.bf16_weights:
             self.net = self.net.to(torch.bfloat16)
         if case.channels_last:

@@ -5,6 +5,7 @@ a *declared* input size (1024×2048 for Cityscapes tables, 512×512 for VOC), wh
 
     conv   k_h·k_w·(C_in/groups)·C_out·H_out·W_out  (+ C_out·H_out·W_out with a bias)
     BN     2 per output element;   ReLU 1 per element;   global/adaptive pooling 1 per input element
+    a folded conv → BN (fusion.py, inference) is counted as the conv and the BN it replaced
     not counted: interpolation, sums, products with α, the init cell
 
 Transitions are counted once, in the cell that receives them (as the reference does): the init
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .decoder import PyramidPooling
+from .fusion import FoldedConv2d
 from .gate import FixedGate, SoftConditionalGate
 from .layers import Resize
 from .routing_space import INIT_ROW, NUM_SCALES, NodeId, channels
@@ -80,6 +82,8 @@ def count_flops(module: nn.Module, shape: Shape) -> tuple[Flops, Shape]:
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         out = module.out_channels
         conv = kh * kw * (module.in_channels // module.groups) * out * ho * wo
+        if isinstance(module, FoldedConv2d):  # counted as the conv → BN it replaces
+            return Flops(conv=conv, norm=2 * out * ho * wo), (out, ho, wo)
         bias = out * ho * wo if module.bias is not None else 0
         return Flops(conv=conv, bias=bias), (out, ho, wo)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -302,8 +302,8 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
         progress: called as (done, total) after each image; total is -1 if unknown.
         limit: stop after this many images.
         warmup: untimed forwards on the first image (CUDA context, cuDNN autotuning).
-        fast: the device's measured fast path (fast_path.py: channels-last); False runs the
-            plain layout. Both compute the same fp32 function.
+        fast: the device's measured fast path (fast_path.py: channels-last, folded BN); False
+            runs the plain network. Both compute the same fp32 function (up to rounding).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit}: evaluate at least one image, or pass None for all")
@@ -336,7 +336,7 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
     was_training = network.training
     network.eval()
     layout = fast_path.for_inference(device, fast=fast)
-    layout.network(network)
+    runner = layout.inference_network(network)  # a folded copy on the fast path
     try:
         with torch.inference_mode():
             for sample in dataset:
@@ -345,10 +345,10 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
                 label = sample["label"].to(device, non_blocking=True)  # (H, W)
                 if not rows:
                     for _ in range(warmup):
-                        infer(network, image, tta=tta)
+                        infer(runner, image, tta=tta)
                 sync()
                 start = time.perf_counter()
-                result = infer(network, image, tta=tta)
+                result = infer(runner, image, tta=tta)
                 sync()
                 latency = (time.perf_counter() - start) * 1e3
                 pred = result.logits.argmax(dim=1)[0]  # (H, W)
@@ -373,8 +373,6 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
                     break
     finally:
         network.train(was_training)
-        if layout.channels_last:  # hand the network back in the layout it came in
-            network.to(memory_format=torch.contiguous_format)
     if not rows:
         raise ValueError("the dataset yielded no samples to evaluate")
     iou = confusion.iou()

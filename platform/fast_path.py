@@ -13,14 +13,22 @@ On a CPU channels-last inference measured 1.14× (batch 1) and 1.22× (batch 8) 
 inference takes it everywhere; CPU training was not measured faster, so training takes it on CUDA
 only. bf16 remains a separate opt-in (`run.bf16`). Everything here changes the memory layout of
 the same fp32 arithmetic: tests on CPU prove the fast and plain paths compute the same thing.
+
+Inference also folds every BN into the conv before it (`models/fusion.py`): the same function up to
+fp32 rounding, one kernel and one pass over the activations fewer per BN. On this 2-core CPU it
+measured faster (see `benchmarks/gpu_bench.py --device cpu --only infer`); its GPU figure is not
+measured yet.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from dynroute.models.fusion import fold_batchnorm
 
 
 @dataclass(frozen=True)
@@ -29,11 +37,21 @@ class FastPath:
 
     channels_last: bool = False
     bf16: bool = False  # autocast; weights and optimizer stay fp32
+    fold_batchnorm: bool = False  # inference only: BN folded into the conv before it
 
     def network(self, network: nn.Module) -> nn.Module:
         """The network in this layout (in place, like `Module.to`)."""
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
+        return network
+
+    def inference_network(self, network: nn.Module) -> nn.Module:
+        """The network to run inference with. `network` itself is never changed: it is returned
+        as it is when nothing applies, else a converted copy (in eval mode) is."""
+        if self.fold_batchnorm:
+            return self.network(fold_batchnorm(network))
+        if self.channels_last:
+            return self.network(copy.deepcopy(network).eval())
         return network
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
@@ -53,6 +71,6 @@ def for_training(device: torch.device, *, fast: bool = True, channels_last: bool
 
 
 def for_inference(device: torch.device, *, fast: bool = True) -> FastPath:
-    """Inference: channels-last unless `fast` is off."""
-    del device  # measured faster on CUDA and on CPU alike
-    return FastPath(channels_last=fast)
+    """Inference: channels-last and folded BN unless `fast` is off."""
+    del device  # channels-last measured faster on CUDA and on CPU alike
+    return FastPath(channels_last=fast, fold_batchnorm=fast)

@@ -143,7 +143,8 @@ def predict(network, images: Sequence[str | os.PathLike], out: str | os.PathLike
         out: the output folder (created).
         dataset: "cityscapes" or "voc": the colours, and the class count the network must have.
         model: where the network came from, recorded in the JSON.
-        fast: the device's measured fast path (fast_path.py: channels-last); False: plain.
+        fast: the device's measured fast path (fast_path.py: channels-last, folded BN); False:
+            plain.
 
     Returns:
         What was written.
@@ -172,13 +173,13 @@ def predict(network, images: Sequence[str | os.PathLike], out: str | os.PathLike
     was_training = network.training
     network.eval()
     layout = fast_path.for_inference(device, fast=fast)
-    layout.network(network)
+    runner = layout.inference_network(network)  # a folded copy on the fast path
     try:
         for path, stem in zip(paths, _unique_stems(paths), strict=True):
             image = layout.images(load_image(path).to(device))  # (1, 3, H, W)
             height, width = image.shape[-2:]
             with torch.inference_mode():
-                result = infer(network, image)
+                result = infer(runner, image)
             pred = result.logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()  # (H, W)
             gates = result.passes[0].gates
             gflops = float(network.cost_model(height, width).real(gates)[0]) / 1e9
@@ -199,8 +200,6 @@ def predict(network, images: Sequence[str | os.PathLike], out: str | os.PathLike
                 decoder_scales=taken.decoder_scales))
     finally:
         network.train(was_training)
-        if layout.channels_last:  # hand the network back in the layout it came in
-            network.to(memory_format=torch.contiguous_format)
     prediction = Prediction(model=model, dataset=dataset, images=tuple(rows))
     write_json_atomic(out / PREDICTIONS_FILE, prediction.to_dict())
     return prediction

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dynroute.models import BudgetLoss, NetworkConfig, build_network
+from dynroute.models.fusion import has_batchnorm
 from dynroute.models.losses import segmentation_loss
 from dynroute.pipelines.params import Params
 from dynroute.pipelines.prepare import prepare
@@ -33,6 +34,12 @@ def diverse_network(seed: int = 0):
             final = node.gate.features[-1]
             final.weight.copy_(torch.randn(final.weight.shape, generator=g) * 3)
             final.bias.zero_()
+        for bn in net.modules():  # statistics as after training, so folding them is no no-op
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.normal_(0.0, 0.3, generator=g)
+                bn.running_var.uniform_(0.5, 2.0, generator=g)
+                bn.weight.uniform_(0.7, 1.3, generator=g)
+                bn.bias.normal_(0.0, 0.1, generator=g)
     return net
 
 
@@ -42,8 +49,9 @@ def test_defaults_are_the_fast_paths_and_can_be_turned_off():
     assert fast_path.for_training(CUDA, fast=False) == fast_path.FastPath()
     assert fast_path.for_training(CPU, fast=False, channels_last=True, bf16=True) == \
         fast_path.FastPath(channels_last=True, bf16=True)  # explicit settings always apply
-    assert fast_path.for_inference(CPU).channels_last
-    assert not fast_path.for_inference(CUDA, fast=False).channels_last
+    assert fast_path.for_inference(CPU) == fast_path.FastPath(channels_last=True,
+                                                              fold_batchnorm=True)
+    assert fast_path.for_inference(CUDA, fast=False) == fast_path.FastPath()
     params = Params()
     assert params.run.fast and params.evaluate.fast
     assert train_spec(params, data="d", uri=None).fast
@@ -53,14 +61,21 @@ def test_fast_and_plain_inference_give_the_same_logits_and_routes():
     net = diverse_network().eval()
     torch.manual_seed(1)
     images = torch.randn(4, 3, 64, 96) * 40 + torch.randn(4, 3, 1, 1) * 60
+    before = copy.deepcopy(net.state_dict())
     layout = fast_path.for_inference(CPU)
-    fast_net = layout.network(copy.deepcopy(net))
+    fast_net = layout.inference_network(net)
     convs = [p for p in fast_net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not has_batchnorm(fast_net), "the fast network has its BN folded"
+    assert has_batchnorm(net) and net.state_dict().keys() == before.keys()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items()), \
+        "the given network is not changed"
+    assert fast_path.FastPath().inference_network(net) is net  # plain: nothing to convert
     with torch.inference_mode():
         plain = net(images)
         fast = fast_net(layout.images(images))
-    torch.testing.assert_close(fast.logits, plain.logits, rtol=1e-4, atol=1e-4)
+    scale = plain.logits.abs().max()  # fp32 rounding relative to the logits' size
+    torch.testing.assert_close(fast.logits / scale, plain.logits / scale, rtol=0, atol=1e-5)
     closed = 0
     for node, alpha in plain.gates.items():
         torch.testing.assert_close(fast.gates[node], alpha, rtol=1e-4, atol=1e-5)
@@ -112,7 +127,7 @@ def val_set(tmp_path_factory) -> ShardDataset:
     return ShardDataset(root=str(Path(root / "prepared")), split="val", train=False, crop=None)
 
 
-def test_fast_and_plain_evaluation_agree_and_the_layout_is_handed_back(val_set):
+def test_fast_and_plain_evaluation_agree_and_the_network_is_left_as_it_was(val_set):
     net = diverse_network(seed=5)
     names = [f"c{k}" for k in range(19)]
     kwargs = {"num_classes": 19, "class_names": names, "cost_resolution": (1024, 2048)}
@@ -123,6 +138,7 @@ def test_fast_and_plain_evaluation_agree_and_the_layout_is_handed_back(val_set):
     assert plain.gate_probability == fast.gate_probability
     weights = [p for p in net.parameters() if p.dim() == 4]
     assert all(p.is_contiguous() for p in weights), "evaluate leaves the network as it found it"
+    assert has_batchnorm(net) and net.training, "evaluate folds a copy and restores the mode"
     sample = next(iter(val_set))
     with torch.inference_mode():
         logits = infer(net, sample["image"][None]).logits

@@ -1,0 +1,73 @@
+"""Batch-norm folding for inference (issue 7): each conv → BN pair becomes one conv with a bias.
+
+In eval mode a BN layer is a fixed affine map per channel, so a conv followed by it is one conv:
+
+    s  = γ / √(σ² + ε)                    # (C_out,), from the running statistics
+    W' = s · W                            # scaled per output channel
+    b' = s · (b − μ) + β                  # b = 0 for our bias-free convs
+
+Every BN of the network follows a conv (`layers.conv_bn`), so folding removes them all: one
+kernel and one pass over the activations fewer each. The folded copy serves inference only; it
+has no batch statistics left to train.
+
+The cost model keeps counting the network the paper describes: a `FoldedConv2d` counts as its conv
+plus the BN it absorbed, and the `nn.Identity` left in the BN's place counts nothing, so cost
+tables (and the real GFLOPs users see) do not change with folding. The Sequentials keep their
+length, so indexing into them (`gate.features[-1]`, `levels[k][0]`) still finds the same layers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class FoldedConv2d(nn.Conv2d):
+    """A conv with the BN that followed it folded into its weight and bias."""
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> FoldedConv2d:
+    """One conv equal to `bn(conv(x))` with `bn` in eval mode (computed in float64)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BN layer without running statistics "
+                         "(track_running_stats=False)")
+    weight = conv.weight
+    folded = FoldedConv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                          stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                          groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+                          device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        scale = bn.running_var.double().add(bn.eps).rsqrt()  # (C_out,)
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        bias = (bias - bn.running_mean.double()) * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias.double()
+        folded.weight.copy_(weight.double() * scale.view(-1, *([1] * (weight.dim() - 1))))
+        folded.bias.copy_(bias)
+    return folded
+
+
+def fold_batchnorm(network: nn.Module) -> nn.Module:
+    """An inference copy of `network` (in eval mode) with every conv → BN pair folded.
+
+    The pairs are found inside `nn.Sequential`s, where all of ours are built; `network` itself is
+    not changed. BN layers that do not directly follow a conv stay.
+    """
+    folded = copy.deepcopy(network).eval()
+    for block in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(1, len(block)):
+            conv, bn = block[i - 1], block[i]
+            if (isinstance(conv, nn.Conv2d) and not isinstance(conv, FoldedConv2d)
+                    and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats):
+                block[i - 1] = fold_conv_bn(conv, bn)
+                block[i] = nn.Identity()
+    return folded
+
+
+def has_batchnorm(network: nn.Module) -> bool:
+    """Whether any BN layer is left (a folded network has none)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules())

@@ -1,0 +1,99 @@
+"""BN folding computes what the network with its BN layers computes, and costs what it costs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dynroute.models.cell import CELL_OPS
+from dynroute.models.fusion import FoldedConv2d, fold_batchnorm, fold_conv_bn, has_batchnorm
+
+from .conftest import tiny_network
+
+
+def trained_statistics(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN running statistics and affine values far from their initial ones."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in net.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.normal_(0.0, 0.5, generator=g)
+                bn.running_var.uniform_(0.3, 3.0, generator=g)
+                bn.weight.uniform_(0.5, 1.5, generator=g)
+                bn.bias.normal_(0.0, 0.3, generator=g)
+        for node in net.nodes.values():  # gates that close some paths, per image
+            final = getattr(node.gate, "features", [None])[-1]
+            if isinstance(final, nn.Conv2d):
+                final.weight.copy_(torch.randn(final.weight.shape, generator=g) * 3)
+                final.bias.zero_()
+    return net
+
+
+@pytest.mark.parametrize("kernel,groups,bias", [(1, 1, False), (3, 4, False), (3, 1, True)])
+def test_a_folded_conv_equals_conv_then_bn(kernel, groups, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, kernel, padding=kernel // 2, groups=groups, bias=bias)
+    bn = trained_statistics_bn(nn.BatchNorm2d(8))
+    x = torch.randn(2, 8, 9, 11)
+    folded = fold_conv_bn(conv, bn)
+    assert isinstance(folded, FoldedConv2d) and folded.bias is not None
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def trained_statistics_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    with torch.no_grad():
+        bn.running_mean.normal_(0.0, 0.5)
+        bn.running_var.uniform_(0.3, 3.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0.0, 0.3)
+    return bn.eval()
+
+
+def test_a_bn_without_running_statistics_is_refused():
+    bn = nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match="running statistics"):
+        fold_conv_bn(nn.Conv2d(4, 4, 1, bias=False), bn)
+
+
+@pytest.mark.parametrize("cell", sorted(CELL_OPS))
+@pytest.mark.parametrize("psp", [False, True])
+def test_the_folded_network_computes_the_same_logits_gates_and_routes(cell, psp, images):
+    net = trained_statistics(tiny_network(cell=cell, psp=psp, small_gate=True)).eval()
+    before = copy.deepcopy(net.state_dict())
+    folded = fold_batchnorm(net)
+    assert has_batchnorm(net) and not has_batchnorm(folded)
+    assert not folded.training
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items()), \
+        "folding works on a copy"
+    with torch.inference_mode():
+        for skip in (False, True):  # soft (every path) and hard (per-sample routing) forwards
+            plain, fast = net(images, skip=skip), folded(images, skip=skip)
+            scale = plain.logits.abs().max()
+            torch.testing.assert_close(fast.logits / scale, plain.logits / scale,
+                                       rtol=0, atol=1e-5)
+            for node, alpha in plain.gates.items():
+                torch.testing.assert_close(fast.gates[node], alpha, rtol=1e-3, atol=1e-5)
+                assert torch.equal(fast.gates[node] > 1e-4, alpha > 1e-4), f"route at {node}"
+    closed = sum(int((a <= 1e-4).sum()) for a in plain.gates.values())
+    assert closed > 0, "the check needs closed paths"
+
+
+def test_folding_leaves_the_cost_tables_as_they_were():
+    net = trained_statistics(tiny_network(psp=True, small_gate=True)).eval()
+    folded = fold_batchnorm(net)
+    assert any(isinstance(m, FoldedConv2d) for m in folded.modules())
+    for height, width in ((64, 96), (1024, 2048)):
+        assert folded.cost_model(height, width) == net.cost_model(height, width)
+
+
+def test_a_fixed_route_network_folds_too(make_network, images):
+    net = trained_statistics(make_network(gate="fixed")).eval()
+    folded = fold_batchnorm(net)
+    assert not has_batchnorm(folded)
+    with torch.inference_mode():
+        plain, fast = net(images).logits, folded(images).logits
+    assert (fast - plain).abs().max() / plain.abs().max() < 1e-5
