@@ -364,7 +364,8 @@ def ui_command(
 
 
 # === registry: dynroute register / select / predict (the Pareto-aware model registry) ========
-# Handlers in dynroute.pipelines.registry_stage; library in dynroute.platform.registry.
+# Handlers in dynroute.pipelines.registry_stage; library in dynroute.platform.front, .registry
+# and .selection.
 
 
 def _registry_errors() -> tuple[type[Exception], ...]:

@@ -78,8 +78,8 @@ def run_pareto(params: Params, *, trials: Path, out: Path, plots: Path,
     """Write the front of `trials` to `out` (pareto.json, pareto.csv) and `plots` (PNG, HTML);
     log them to the study's parent MLflow run when tracking is on."""
     from dynroute.platform.pareto_plots import front_html, plot_front
+    from dynroute.platform.provenance import git_commit
     from dynroute.platform.shards import read_manifest
-    from dynroute.platform.tracking import git_commit
 
     document = load_trials(trials)
     manifest = read_manifest(params.data.prepared)

@@ -10,15 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dynroute.pipelines.params import Params
+from dynroute.platform.front import RegistryError, model_name
 from dynroute.platform.predict import CLASSES, PredictError, Prediction, predict
-from dynroute.platform.registry import (
-    RegistryError,
-    RegistryState,
-    Selection,
-    model_name,
-    register_front,
-    select_version,
-)
+from dynroute.platform.registry import RegistryState, register_front
+from dynroute.platform.selection import Selection, select_version
 
 
 def _require(uri: str | None) -> str:

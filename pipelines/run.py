@@ -70,7 +70,7 @@ def load_checkpoint(path: Path):
 def load_model(source: str, *, tracking_uri: str | None):
     """(network, its name) from a checkpoint folder or an MLflow model URI (`models:/…`)."""
     if source.startswith(("models:/", "runs:/")):
-        from dynroute.platform.tracking import load_pytorch_model
+        from dynroute.platform.model_logging import load_pytorch_model
 
         if tracking_uri is None:
             raise ValueError(f"{source} is an MLflow model: set tracking.uri to its server")
@@ -159,7 +159,8 @@ def _write_json(path: Path, data) -> None:
 
 def _track_evaluation(uri, params, source, training_run_id, manifest, summary, out,
                       plots) -> None:
-    from dynroute.platform.tracking import Tracker, flatten, git_commit
+    from dynroute.platform.provenance import flatten, git_commit
+    from dynroute.platform.tracking import Tracker
 
     tracker = Tracker(uri=uri, experiment=params.tracking.experiment, enabled=True)
     tags = {"git_commit": git_commit() or "unknown", "data_hash": manifest.content_hash,

@@ -1,72 +1,63 @@
 """Experiment tracking: a local MLflow server and the tracking facade training code talks to.
 
-With `registry.py` (the registry half of the API: versions, aliases, tags), this is the only module
-that imports `mlflow` (style.md, lesson 8): MLflow's APIs move between releases, and keeping the
-calls in two files makes an upgrade a two-file change.
+With its two helpers, `metric_sender.py` and `model_logging.py`, and with `registry.py` (the
+registry half of the API: versions, aliases, tags), this is the only code that imports `mlflow`
+(style.md, lesson 8): MLflow's APIs move between releases, and keeping the calls in these few
+files keeps an upgrade small.
 
 * `MlflowServer` runs a real `mlflow server` on 127.0.0.1 in its own process group (sqlite backend
   by default, because MLflow ≥ 3.13 refuses the plain file store; see platform.md, pitfall 6).
 * `Tracker` is what training and evaluation call. It is rank-aware (`enabled=False` turns every
   method into a no-op, so the training loop never branches on rank) and robust to a server that
   restarts: metrics go through an ordered buffer that a background thread delivers with explicit
-  timestamps, retrying through outages.
-* `flatten`, `params_hash` and `git_commit` are small pure helpers for the reproducibility record.
+  timestamps, retrying through outages (`metric_sender.MetricSender`; its `MetricsNotDelivered`
+  is what `flush` and `end_run` raise). Models are logged, registered and loaded by
+  `model_logging.py`.
+* The reproducibility record's pure helpers (`flatten`, `params_hash`, `git_commit`) live in
+  `provenance.py`.
 
-MLflow 3.17 facts this module relies on (checked in the installed source):
+MLflow 3.17 facts this module relies on (checked in the installed source; those about metric
+delivery and model logging are in the helpers' docstrings):
 
-* `mlflow.pytorch.log_model` takes `name=` (`artifact_path=` is deprecated), returns a `ModelInfo`
-  whose `model_uri` is `models:/<model_id>` (a LoggedModel, no longer `runs:/...`), and defaults to
-  `serialization_format="pt2"` (torch.export; needs `input_example`) outside Databricks.
 * The fluent active-run stack is thread-local, so the facade keeps its own run stack and logs
   through `MlflowClient` with explicit run ids; only model logging/registration use the fluent
-  API (with the process-wide tracking URI set first).
+  API (in `model_logging.py`, with the process-wide tracking URI set first).
 * The parameter value limit is 6000 characters (older releases and docs: 500); longer values are
   cut silently by the server (`MLFLOW_TRUNCATE_LONG_VALUES`), so we cut them with a visible marker.
-* The SQL store ignores an exact duplicate metric (same key, value, step and timestamp), so a batch
-  replayed after a lost response does not duplicate points.
 * `MLFLOW_HTTP_REQUEST_MAX_RETRIES` / `_TIMEOUT` / `_BACKOFF_FACTOR` are read on every request.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
-import subprocess
-import threading
 import time
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
-import mlflow
-import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from dynroute.platform.metric_sender import MetricSender
 from dynroute.platform.mlflow_server import MlflowServer, MlflowServerError
+from dynroute.platform.model_logging import log_pytorch_model, register_model
+from dynroute.platform.provenance import flatten
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 __all__ = [
     "MAX_PARAM_VALUE_CHARS",
-    "MetricsNotDelivered",
     "MlflowServer",
     "MlflowServerError",
     "RunStatus",
     "Tracker",
-    "flatten",
-    "git_commit",
-    "params_hash",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,7 +69,6 @@ _RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAM_VALUE_CHARS = 6000
 MAX_TAG_VALUE_CHARS = 8000
 PARAMS_TAGS_PER_BATCH = 100
-METRICS_PER_BATCH = 1000
 
 # Client HTTP settings, used unless the environment already sets them. MLflow's defaults (7 retries
 # with backoff factor 2, 120 s timeout) let a dead server stall a training for minutes; metrics do
@@ -96,62 +86,6 @@ _NO_TAGS: Mapping[str, str] = MappingProxyType({})
 # Helpers
 
 
-def flatten(mapping: Mapping[str, object], prefix: str = "") -> dict[str, object]:
-    """Flatten nested mappings (and dataclass instances) into dotted keys.
-
-    Args:
-        mapping: e.g. `{"train": {"lr": 0.1}, "seed": 0}`.
-        prefix: prepended to every key, joined with a dot.
-
-    Returns:
-        e.g. `{"train.lr": 0.1, "seed": 0}`; an empty nested mapping stays as `{}` so its key is
-        not silently dropped.
-    """
-    flat: dict[str, object] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            # Shallow on purpose: nested dataclasses are flattened by the recursion.
-            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
-
-
-def params_hash(mapping: Mapping[str, object]) -> str:
-    """sha256 (hex) of the canonical JSON of `mapping`: sorted keys, no whitespace, non-JSON
-    values as `str()`; equal for equal content whatever the key order."""
-    canonical = json.dumps(mapping, sort_keys=True, separators=(",", ":"), default=str,
-                           ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def git_commit(path: str | Path = ".") -> str | None:
-    """The commit checked out at `path`, with a `-dirty` suffix when tracked files have changes.
-
-    Untracked files do not count: run outputs and data often sit untracked in a working tree.
-
-    Returns:
-        The 40-hex commit (`abc…-dirty` when dirty), or None outside a git repository or without
-        git on the PATH.
-    """
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=path, capture_output=True, text=True,
-                                  timeout=30, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if not commit:
-        return None
-    changes = git("status", "--porcelain", "--untracked-files=no")
-    return f"{commit}-dirty" if changes else commit
-
-
 def _truncate(value: str, limit: int) -> str:
     if len(value) <= limit:
         return value
@@ -162,137 +96,6 @@ def _truncate(value: str, limit: int) -> str:
 def _configure_http_client() -> None:
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """True for failures a later retry can cure: no connection, timeouts, 5xx and 429.
-
-    MLflow wraps connection errors and timeouts in an `MlflowException` with INTERNAL_ERROR
-    (HTTP 500); a 4xx answer (a deleted run, a bad key) will not change on retry.
-    """
-    if isinstance(exc, MlflowException):
-        status = exc.get_http_status_code()
-        return status >= 500 or status == 429
-    return isinstance(exc, OSError)
-
-
-class MetricsNotDelivered(RuntimeError):
-    """Metrics could not be delivered: the server stayed down past the timeout, or it rejected a
-    batch (e.g. the run was deleted)."""
-
-
-class _MetricSender:
-    """Delivers metrics in order from a FIFO buffer on a background thread.
-
-    A batch leaves the buffer only once the server has accepted it; transient failures (no
-    connection, timeout, 5xx) are retried with exponential backoff, so a server restart loses
-    nothing. Each metric carries the timestamp of its `log_metrics` call, so a late delivery keeps
-    its original time (and an exact replay is deduplicated by the server).
-    """
-
-    _BACKOFF_FIRST_S = 0.25
-    _BACKOFF_MAX_S = 2.0
-
-    def __init__(self, *, client: MlflowClient, uri: str) -> None:
-        self._client = client
-        self._uri = uri
-        self._pending: deque[tuple[str, Metric]] = deque()
-        self._cond = threading.Condition()
-        self._rejected: list[str] = []  # permanent failures, reported by the next flush()
-        self._thread: threading.Thread | None = None
-        self._down_since: float | None = None
-
-    def put(self, run_id: str, metrics: Sequence[Metric]) -> None:
-        with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="mlflow-metrics",
-                                                daemon=True)
-                self._thread.start()
-                atexit.register(self._drain_at_exit)
-            self._pending.extend((run_id, metric) for metric in metrics)
-            self._cond.notify_all()
-
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._pending)
-
-    def _next_batch(self) -> tuple[str, list[Metric]]:
-        """Wait for metrics; return the oldest run's leading run of at most METRICS_PER_BATCH."""
-        with self._cond:
-            while not self._pending:
-                self._cond.wait()
-            run_id = self._pending[0][0]
-            batch = []
-            for owner, metric in self._pending:
-                if owner != run_id or len(batch) == METRICS_PER_BATCH:
-                    break
-                batch.append(metric)
-            return run_id, batch
-
-    def _loop(self) -> None:
-        backoff = self._BACKOFF_FIRST_S
-        while True:
-            run_id, batch = self._next_batch()
-            try:
-                self._client.log_batch(run_id=run_id, metrics=batch)
-            except Exception as exc:
-                if _is_transient(exc):
-                    self._note_outage(exc)
-                    time.sleep(backoff)
-                    backoff = min(2 * backoff, self._BACKOFF_MAX_S)
-                    continue
-                logger.error("MLflow rejected %d metrics of run %s: %s", len(batch), run_id, exc)
-                with self._cond:
-                    self._rejected.append(f"{len(batch)} metrics of run {run_id}: {exc}")
-                    self._drop(len(batch))
-                continue
-            backoff = self._BACKOFF_FIRST_S
-            if self._down_since is not None:
-                logger.warning("MLflow server %s is back after %.1f s; buffered metrics delivered",
-                               self._uri, time.monotonic() - self._down_since)
-                self._down_since = None
-            with self._cond:
-                self._drop(len(batch))
-
-    def _drop(self, count: int) -> None:
-        for _ in range(count):
-            self._pending.popleft()
-        self._cond.notify_all()
-
-    def _note_outage(self, exc: BaseException) -> None:
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            logger.warning("MLflow server %s unreachable (%s); buffering %d metrics and retrying",
-                           self._uri, exc, self.pending())
-
-    def flush(self, timeout: float) -> None:
-        """Wait until every buffered metric is on the server.
-
-        Raises:
-            MetricsNotDelivered: metrics are still buffered after `timeout` seconds (they stay
-                buffered; a later flush may succeed), or the server rejected some since the last
-                flush.
-        """
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise MetricsNotDelivered(
-                        f"{len(self._pending)} metrics not yet delivered to {self._uri} after "
-                        f"{timeout:.0f} s; is the MLflow server up? They stay buffered.")
-                self._cond.wait(left)
-            rejected, self._rejected = self._rejected, []
-        if rejected:
-            raise MetricsNotDelivered("MLflow rejected metrics: " + "; ".join(rejected))
-
-    def _drain_at_exit(self) -> None:
-        # Training code should end its runs (which flushes); this covers one that forgot.
-        with contextlib.suppress(MetricsNotDelivered):
-            self.flush(timeout=10.0)
-        if self.pending():
-            logger.error("%d metrics for %s were lost at exit: the server was unreachable",
-                         self.pending(), self._uri)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +134,7 @@ class Tracker:
                              "MlflowServer(...).uri) or set MLFLOW_TRACKING_URI")
         _configure_http_client()
         self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        self._sender = _MetricSender(client=self._client, uri=self.uri)
+        self._sender = MetricSender(client=self._client, uri=self.uri)
 
     # -- runs --------------------------------------------------------------------------------
 
@@ -550,7 +353,8 @@ class Tracker:
         """Wait until every buffered metric is on the server (default: `flush_timeout_s`).
 
         Raises:
-            MetricsNotDelivered: still buffered after the timeout, or rejected by the server.
+            metric_sender.MetricsNotDelivered: still buffered after the timeout, or rejected by
+                the server.
         """
         if not self.enabled:
             return
@@ -578,55 +382,25 @@ class Tracker:
 
     # -- models and registry -----------------------------------------------------------------
 
-    def _use_global_uris(self) -> None:
-        # Model logging and registration go through MLflow's fluent API, which reads the
-        # process-wide URIs.
-        assert self.uri is not None
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
-
     def log_model(self, model: torch.nn.Module, *, name: str, input_example: np.ndarray,
                   output_example: np.ndarray | None = None,
                   pip_requirements: list[str] | None = None) -> str | None:
         """Log a PyTorch model to the active run, with a signature inferred from the examples.
 
-        Pickle serialization with explicit requirements takes ~1 s; MLflow 3's default (pt2 via
-        torch.export, requirements inferred in a subprocess) needs an input example and ~20 s.
-        The model's classes must be importable where it is loaded (pickled by reference).
-
-        Args:
-            model: the module; it must map one tensor to one tensor for `pyfunc` serving.
-            name: the model's name within the run.
-            input_example: a batch like the model's input, e.g. (B, 3, H, W) float32.
-            output_example: the model's output for it; None runs the model (in eval mode, no
-                grad) to get it.
-            pip_requirements: the serving environment; default torch and cloudpickle pinned to
-                the installed versions. Add the wheel holding the model's code.
+        Arguments as in `model_logging.log_pytorch_model`, which does the work (pickled, ~1 s;
+        None for `output_example` runs the model on `input_example`, (B, 3, H, W) float32).
 
         Returns:
             The model URI, `models:/<model_id>` (None when disabled).
         """
         if not self.enabled:
             return None
-        import mlflow.pytorch
-        from mlflow.models import infer_signature
-
         run_id = self._active()
-        if output_example is None:
-            output_example = _predict(model, input_example)
-        signature = infer_signature(input_example, output_example)
-        if pip_requirements is None:
-            pip_requirements = mlflow.pytorch.get_default_pip_requirements()
-        self._use_global_uris()
-        # A logged model lands in the fluent API's current experiment, not in its run's: point
-        # it at this tracker's experiment so the model sits beside its run.
-        mlflow.set_experiment(experiment_id=self._experiment())
-        # `run_id` reaches `Model.log` through log_model's **kwargs (checked in 3.17): the fluent
-        # active run is thread-local and this facade does not use it.
-        info = mlflow.pytorch.log_model(model, name=name, signature=signature,
-                                        serialization_format="pickle",
-                                        pip_requirements=pip_requirements, run_id=run_id)
-        return info.model_uri
+        assert self.uri is not None
+        return log_pytorch_model(model, tracking_uri=self.uri, experiment_id=self._experiment(),
+                                 run_id=run_id, name=name, input_example=input_example,
+                                 output_example=output_example,
+                                 pip_requirements=pip_requirements)
 
     def register_model(self, model_uri: str, name: str) -> str | None:
         """Register `model_uri` as a new version of registered model `name` (created if needed).
@@ -636,8 +410,8 @@ class Tracker:
         """
         if not self.enabled:
             return None
-        self._use_global_uris()
-        return str(mlflow.register_model(model_uri, name).version)
+        assert self.uri is not None
+        return register_model(model_uri, name, tracking_uri=self.uri)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         """Point `models:/name@alias` at `version` (moves the alias if it exists)."""
@@ -652,34 +426,3 @@ class Tracker:
         if self.enabled:
             self._client.set_model_version_tag(name, version, key, str(value))
 
-
-def _predict(model: torch.nn.Module, example: np.ndarray) -> np.ndarray:
-    """Run `model` on `example` in eval mode without grad, on the model's device; as numpy."""
-    import torch
-
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            output = model(torch.as_tensor(example, device=device))
-    finally:
-        model.train(was_training)
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"{type(model).__name__} returned {type(output).__name__}, not a tensor; "
-                        "pass output_example= explicitly (or log a wrapper returning a tensor)")
-    return output.detach().cpu().numpy()
-
-
-def load_pytorch_model(model_uri: str, *, tracking_uri: str | None) -> torch.nn.Module:
-    """A logged or registered PyTorch model (`models:/NAME@ALIAS`, `models:/<id>`, `runs:/…`)."""
-    import mlflow.pytorch
-
-    if tracking_uri is not None:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    try:
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    except MlflowException as err:
-        raise ValueError(f"cannot load model {model_uri} from {tracking_uri}: {err}") from None

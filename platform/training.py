@@ -127,7 +127,7 @@ def _open_run(spec: TrainSpec, manifest):
     """
     if spec.tracking.uri is None:
         return spec, None
-    from dynroute.platform.tracking import flatten, git_commit, params_hash
+    from dynroute.platform.provenance import flatten, git_commit, params_hash
 
     tracker = _tracker(spec, True)
     state = ray_train.latest_state(_run_dir(spec), name=STATE_FILE, in_worker=False)

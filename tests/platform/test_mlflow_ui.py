@@ -38,13 +38,9 @@ from mlflow import MlflowClient
 
 from dynroute.models import NetworkConfig, build_network
 from dynroute.platform import metrics
+from dynroute.platform.front import ALIAS_BEST_MIOU, ALIAS_KNEE, ALIAS_MIN_GFLOPS
 from dynroute.platform.pareto import Point, write_front
-from dynroute.platform.registry import (
-    ALIAS_BEST_MIOU,
-    ALIAS_KNEE,
-    ALIAS_MIN_GFLOPS,
-    register_front,
-)
+from dynroute.platform.registry import register_front
 from dynroute.platform.tracking import MlflowServer, Tracker
 
 try:
