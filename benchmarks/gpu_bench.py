@@ -293,7 +293,7 @@ def sizes_for(device: Device, smoke: bool) -> Sizes:
     if device.cuda:
         return Sizes(16, 64, 8, (768, 768), (1024, 2048), 8, 20, 30, "inductor", 90.0,
                      train_compile_floor_s=600.0, small_gate=True)
-    return Sizes(4, 8, 2, (128, 128), (128, 256), 8, 10, 10, "inductor", 30.0)
+    return Sizes(4, 8, 2, (128, 128), (128, 256), 8, 20, 40, "inductor", 30.0)
 
 
 def median_time(fn: Callable[[], object], device: Device, repeats: int) -> float:
@@ -703,8 +703,9 @@ def inference_images(sizes: Sizes, device: Device, batch: int) -> torch.Tensor:
 
 
 def run_infer_case(case: InferCase, net: nn.Module, sizes: Sizes, device: Device, clock: Clock,
-                   cases_left: int, reference: torch.Tensor | None
+                   reference: torch.Tensor | None
                    ) -> tuple[Row, InferRunner | None, torch.Tensor | None]:
+    """Build, warm up and check one case (its timing is `time_infer_cases`'s)."""
     row = Row("infer", case.name, note="" if case.hard else "static: every path computed")
     before = _dynamo_counts()
     saved_benchmark = torch.backends.cudnn.benchmark
@@ -726,12 +727,6 @@ def run_infer_case(case: InferCase, net: nn.Module, sizes: Sizes, device: Device
         runner(one)  # warm-up
         runner(batch)  # warm-up (and compile) at the throughput batch
         runner(batch)
-        per_one = median_time(lambda: runner(one), device, 1)
-        per_batch = median_time(lambda: runner(batch), device, 1)
-        row.repeats = clock.repeats(sizes.infer_repeats, per_one + per_batch, cases_left)
-        row.ms = median_time(lambda: runner(one), device, row.repeats) * 1e3
-        row.images_per_s = sizes.infer_batch / median_time(lambda: runner(batch), device,
-                                                           row.repeats)
         row.peak_mib = device.peak_mib()
         ref = logits if reference is None else reference
         row.check = compare(logits, ref, tol=tolerance(case.bf16, device))
@@ -752,6 +747,7 @@ def run_infer(sizes: Sizes, device: Device, clock: Clock, *, no_compile: bool
     net = open_network(sizes, device)
     cases = [c for c in INFER_CASES if device.cuda or not c.cuda_only]
     rows, runners, reference = [], {}, None
+    timed: dict[str, tuple[Row, InferRunner]] = {}
     compile_estimate = sizes.compile_floor_s
     for i, case in enumerate(cases):
         skip = _skip_reason(case.compile is not None, case.optional, i, clock, compile_estimate,
@@ -762,16 +758,50 @@ def run_infer(sizes: Sizes, device: Device, clock: Clock, *, no_compile: bool
             rows.append(Row("infer", case.name, status=f"skipped: {skip}"))
             continue
         _progress(f"infer: {case.name}")
-        row, runner, logits = run_infer_case(case, net, sizes, device, clock, len(cases) - i,
-                                             reference)
+        row, runner, logits = run_infer_case(case, net, sizes, device, clock, reference)
         if i == 0:
             reference = logits
         if case.compile and row.first_s is not None:
             compile_estimate = max(compile_estimate, row.first_s)
-        if runner is not None and case.hard:
-            runners[case.name] = runner  # candidates for the dynamic section
+        if runner is not None:
+            timed[case.name] = (row, runner)
+            if case.hard:
+                runners[case.name] = runner  # candidates for the dynamic section
         rows.append(row)
+    time_infer_cases(list(timed.values()), sizes, device, clock)
     return rows, runners
+
+
+def time_infer_cases(timed: list[tuple[Row, InferRunner]], sizes: Sizes, device: Device,
+                     clock: Clock) -> None:
+    """Latency at batch 1 and throughput at the batch, in interleaved rounds over the cases:
+    noise on the machine then hits every case alike (measured on a busy 2-core VM, back-to-back
+    blocks of repeats ranked the same two cases differently from one run to the next)."""
+    if not timed:
+        return
+    one = inference_images(sizes, device, 1)
+    batch = inference_images(sizes, device, sizes.infer_batch)
+    saved_benchmark = torch.backends.cudnn.benchmark
+    ones: dict[str, list[float]] = {row.case: [] for row, _ in timed}
+    batches: dict[str, list[float]] = {row.case: [] for row, _ in timed}
+    try:
+        def one_round() -> None:
+            for row, runner in timed:
+                torch.backends.cudnn.benchmark = runner.case.cudnn_benchmark or saved_benchmark
+                ones[row.case].append(median_time(lambda r=runner: r(one), device, 1))
+                batches[row.case].append(median_time(lambda r=runner: r(batch), device, 1))
+
+        start = time.perf_counter()
+        one_round()
+        repeats = clock.repeats(sizes.infer_repeats, time.perf_counter() - start, 1)
+        for _ in range(repeats - 1):
+            one_round()
+    finally:
+        torch.backends.cudnn.benchmark = saved_benchmark
+    for row, _ in timed:
+        row.repeats = len(ones[row.case])
+        row.ms = statistics.median(ones[row.case]) * 1e3
+        row.images_per_s = sizes.infer_batch / statistics.median(batches[row.case])
 
 
 # -- (c) dynamic savings --------------------------------------------------------------------------
@@ -987,8 +1017,8 @@ def report_infer(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
                      + ([_ref(refs, r.case)] if refs else []))
     h, w = sizes.infer_size
     print_table(f"(b) inference, every path open: L={sizes.layers}, C0={sizes.base_channels}, "
-                f"{h}x{w}; latency at batch 1, throughput at batch {sizes.infer_batch}; "
-                f"logits Δ vs fp32 eager", headers, table)
+                f"{h}x{w}; latency at batch 1, throughput at batch {sizes.infer_batch}, median "
+                f"of {base.repeats} interleaved rounds; logits Δ vs fp32 eager", headers, table)
     for r in rows:
         if r.note:
             print(f"  {r.case}: {r.note}")
