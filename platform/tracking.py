@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_PARAM_VALUE_CHARS",
+    "ArtifactStoreError",
     "MlflowServer",
     "MlflowServerError",
     "RunStatus",
@@ -96,6 +97,30 @@ def _truncate(value: str, limit: int) -> str:
 def _configure_http_client() -> None:
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+class ArtifactStoreError(MlflowException):
+    """The tracking server could not store an artifact: its artifact store failed behind it."""
+
+
+@contextlib.contextmanager
+def _storing(what: str, uri: str | None) -> Iterator[None]:
+    """Turn the bare "too many 500 error responses" of a failed artifact upload into an error
+    that says where the fault is and what to do. Artifacts go through the server's proxy
+    (`mlflow-artifacts`), so an unreachable S3 endpoint or bucket reaches the client as HTTP 500
+    on that API only."""
+    try:
+        yield
+    except MlflowException as err:
+        if "mlflow-artifacts" not in str(err) or err.get_http_status_code() < 500:
+            raise
+        raise ArtifactStoreError(
+            f"the MLflow server {uri} could not store {what}: its artifact store (the server's "
+            f"--artifacts-destination, e.g. an S3 bucket) failed with HTTP "
+            f"{err.get_http_status_code()}. The store is unreachable or refuses the server's "
+            f"credentials; the server's log says which (server.log in the root of a server "
+            f"dynroute started). Bring the store back and run again: the run stays as far as "
+            f"it got.", error_code=err.error_code) from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,16 +394,18 @@ class Tracker:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"artifact {path} does not exist")
-        if path.is_dir():
-            self._client.log_artifacts(self._active(), str(path), artifact_path)
-        else:
-            self._client.log_artifact(self._active(), str(path), artifact_path)
+        with _storing(f"artifact {path}", self.uri):
+            if path.is_dir():
+                self._client.log_artifacts(self._active(), str(path), artifact_path)
+            else:
+                self._client.log_artifact(self._active(), str(path), artifact_path)
 
     def log_dict(self, data: Mapping[str, object] | list[object], artifact_file: str) -> None:
         """Store `data` as a JSON (or YAML, by the file's suffix) artifact."""
         if not self.enabled:
             return
-        self._client.log_dict(self._active(), data, artifact_file)
+        with _storing(f"artifact {artifact_file}", self.uri):
+            self._client.log_dict(self._active(), data, artifact_file)
 
     # -- models and registry -----------------------------------------------------------------
 
@@ -397,10 +424,12 @@ class Tracker:
             return None
         run_id = self._active()
         assert self.uri is not None
-        return log_pytorch_model(model, tracking_uri=self.uri, experiment_id=self._experiment(),
-                                 run_id=run_id, name=name, input_example=input_example,
-                                 output_example=output_example,
-                                 pip_requirements=pip_requirements)
+        with _storing(f"model {name!r}", self.uri):
+            return log_pytorch_model(model, tracking_uri=self.uri,
+                                     experiment_id=self._experiment(), run_id=run_id, name=name,
+                                     input_example=input_example,
+                                     output_example=output_example,
+                                     pip_requirements=pip_requirements)
 
     def register_model(self, model_uri: str, name: str) -> str | None:
         """Register `model_uri` as a new version of registered model `name` (created if needed).

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.pytorch
+import numpy as np
 import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from dynroute.platform.tracking import MlflowServer, MlflowServerError, Tracker
+from dynroute.platform.tracking import ArtifactStoreError, MlflowServer, MlflowServerError, Tracker
 
 BIN = Path(sys.executable).parent
 BUCKET = "tracking"
@@ -199,9 +200,16 @@ def test_an_s3_outage_after_start_fails_an_upload_in_bounded_time(own_s3_server,
             tracker.log_artifact(artifact, "before")  # the destination works...
             own_s3_server.stop()  # ...until the S3 server goes away
             started = time.monotonic()
-            with pytest.raises(MlflowException, match="500"):
+            with pytest.raises(ArtifactStoreError, match="could not store artifact") as caught:
                 tracker.log_artifact(artifact, "after")
             took = time.monotonic() - started
+            message = str(caught.value)
+            assert "HTTP 500" in message and server.uri in message and "server.log" in message
+            assert isinstance(caught.value, MlflowException)  # callers that catch MLflow's
+            assert "too many 500 error responses" in str(caught.value.__cause__)
+            with pytest.raises(ArtifactStoreError, match="could not store model 'model'"):
+                tracker.log_model(torch.nn.Conv2d(3, 2, 1), name="model",
+                                  input_example=np.zeros((1, 3, 4, 4), np.float32))
         print(f"upload to a dead S3 endpoint failed after {took:.1f} s")
         # botocore's standard mode (3.1 s connect timeout, 3 tries) bounds it; legacy: minutes.
         assert took < 30, f"took {took:.1f} s"
