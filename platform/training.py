@@ -4,8 +4,10 @@
 network, reads its share of the shards, and runs the recipe (recipe.py): soft routing forward,
 L = L_seg + L_C, backward, clipping, SGD. Every `checkpoint_every` steps all workers report the
 same all-reduced metrics and rank 0 hands Ray a checkpoint (model, optimizer, step, the MLflow run
-id). After a failure the loop starts again from the latest checkpoint: the step counter goes
-back at most `checkpoint_every` steps and the MLflow run continues.
+id, the random streams). After a failure the loop starts again from the latest checkpoint: the
+step counter goes back at most `checkpoint_every` steps and the MLflow run continues. Data order
+and augmentation are seeded per epoch and sample, so a resumed training ends bit for bit where an
+uninterrupted one does (same device and worker count; tested on CPU).
 
 The driver owns the MLflow run: `train` starts it with the parameters and tags (git commit,
 data hash, params hash), or continues the run of the newest checkpoint, hands its id to the
@@ -205,6 +207,7 @@ def train_loop(config: dict) -> None:
         # pauses) and the search's shared start it began from (warm_start.py), if any.
         history = {"resumes": list(state.get("resumes", [])),
                    "warm_start": state.get("warm_start")}
+        _restore_random_state(state.get("rng"), me.device)
         if "resumes" in state or history["warm_start"] is None:
             history["resumes"].append(step)
             print(f"[rank {me.rank}] resumed from checkpoint at step {step}", flush=True)
@@ -227,8 +230,12 @@ def train_loop(config: dict) -> None:
     while step < end:
         epoch, skip = divmod(step, per_epoch)
         dataset.set_epoch(epoch)
+        # The loader draws its workers' seed from its own generator, not the global stream that
+        # drop path uses, so a resumed epoch does not shift that stream (augmentation is seeded
+        # per sample by the dataset).
         loader = DataLoader(dataset, batch_size=recipe.batch_size, drop_last=True,
-                            num_workers=spec.loader_workers, pin_memory=me.device.type == "cuda")
+                            num_workers=spec.loader_workers, pin_memory=me.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(recipe.seed))
         for i, batch in enumerate(loader):
             if i < skip:
                 continue  # resumed mid-epoch: these batches were trained before the failure
@@ -303,12 +310,32 @@ def _checkpoint(network, optimizer, step, run_id, history, spec, me, metrics) ->
     with ray_train.checkpoint_dir(step) as folder:
         if me.is_chief:
             torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step, "mlflow_run_id": run_id, **history},
+                        "step": step, "mlflow_run_id": run_id, "rng": _random_state(me.device),
+                        **history},
                        folder / STATE_FILE)
             (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
         report = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         ray_train.report(report | {"step": step},
                          checkpoint=folder if me.is_chief else None, step=step)
+
+
+def _random_state(device: torch.device) -> dict:
+    """The random streams training draws from (drop path), so a resume continues them. Every
+    worker starts from the same seed and draws alike, so the chief's state is everyone's."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_random_state(state: dict | None, device: torch.device) -> None:
+    """Continue the checkpoint's random streams (checkpoints from before they carried them, or
+    from another device type, leave the fresh seed's streams as they are)."""
+    if not state:
+        return
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _finish_tracking(tracker, network, recipe: TrainConfig) -> None:

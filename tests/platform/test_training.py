@@ -271,3 +271,27 @@ def test_a_failed_training_ends_its_run_failed_and_resuming_continues_it(prepare
                                    filter_string="tags.`mlflow.runName` = 'fresh'")
         assert [r.info.status for r in fresh] == ["FAILED"]
         assert fresh[0].data.params["train.iterations"] == "10", "params logged by the driver"
+
+
+def test_a_resumed_training_ends_bit_for_bit_where_an_uninterrupted_one_does(prepared, tmp_path):
+    """Drop path draws from the random stream: the checkpoint carries it, so a pause (or a
+    failure, or the search's shared start) changes nothing in the result."""
+    from dataclasses import replace
+
+    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+
+    spec = TrainSpec(data=str(prepared),
+                     model={"layers": 4, "base_channels": 4, "drop_path_prob": 0.3},
+                     train={"iterations": 8, "batch_size": 2, "crop": [64, 64],
+                            "warmup_iterations": 2},
+                     name="whole", storage=str(tmp_path / "runs"), checkpoint_every=2,
+                     log_every=2, tracking=TrackingSpec(uri=None))
+    whole = train(spec)
+    paused = replace(spec, name="paused")
+    train(replace(paused, stop_at=3))  # a pause checkpoints step 3, between the regular ones
+    resumed = train(paused)
+    a = torch.load(Path(whole.checkpoint) / "state.pt", weights_only=False)["model"]
+    b = torch.load(Path(resumed.checkpoint) / "state.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"

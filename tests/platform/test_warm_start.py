@@ -69,3 +69,31 @@ def test_seed_run_into_s3(s3, tmp_path):
     assert s3.keys("warm", "study/s-t001") == [f"study/s-t001/checkpoint_00000008/{STATE_FILE}"]
     _check_copy(ray_train.latest_state(run_dir, name=STATE_FILE, in_worker=False), 8)
     assert not seed_run(f"{uri}/checkpoint_00000008", run_dir)
+
+
+def test_a_warm_started_trial_ends_bit_for_bit_where_a_cold_one_does(prepared, tmp_path):
+    """Before `budget_start` the budget weights change nothing, and the copy carries the random
+    streams (drop path) on: starting from the shared steps is exact, not an approximation."""
+    from dataclasses import replace
+
+    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+
+    def spec(name: str, lambda2: float, mu: float) -> TrainSpec:
+        return TrainSpec(
+            data=str(prepared), model={"layers": 4, "base_channels": 4, "drop_path_prob": 0.3},
+            train={"iterations": 10, "batch_size": 2, "crop": [64, 64], "warmup_iterations": 2,
+                   "budget_start": 0.4, "lambda2": lambda2, "mu": mu},
+            name=name, storage=str(tmp_path / "runs"), checkpoint_every=5, log_every=5,
+            tracking=TrackingSpec(uri=None))
+
+    steps = prefix_steps(searched=BUDGET, stops=(10,), iterations=10, budget_start=0.4)
+    prefix = train(replace(spec("prefix", 0.3, 0.2), stop_at=steps))
+    assert Path(prefix.checkpoint).name == f"checkpoint_{steps:08d}"
+    assert seed_run(prefix.checkpoint, str(tmp_path / "runs" / "warm"))
+    warm = train(spec("warm", 0.8, 0.1))
+    cold = train(spec("cold", 0.8, 0.1))
+    a = torch.load(Path(warm.checkpoint) / STATE_FILE, weights_only=False)
+    b = torch.load(Path(cold.checkpoint) / STATE_FILE, weights_only=False)
+    assert a["warm_start"]["step"] == steps and b.get("warm_start") is None
+    differ = [k for k in b["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
