@@ -4,10 +4,11 @@
 network, reads its share of the shards, and runs the recipe (recipe.py): soft routing forward,
 L = L_seg + L_C, backward, clipping, SGD. Every `checkpoint_every` steps all workers report the
 same all-reduced metrics and rank 0 hands Ray a checkpoint (model, optimizer, step, the MLflow run
-id, the random streams). After a failure the loop starts again from the latest checkpoint: the
-step counter goes back at most `checkpoint_every` steps and the MLflow run continues. Data order
-and augmentation are seeded per epoch and sample, so a resumed training ends bit for bit where an
-uninterrupted one does (same device and worker count; tested on CPU).
+id). After a failure the loop starts again from the latest checkpoint: the step counter goes
+back at most `checkpoint_every` steps and the MLflow run continues. Data order and augmentation
+are seeded per epoch and sample, drop path per worker and step (`step_seed`), so a resumed
+training ends bit for bit where an uninterrupted one does (same device and worker count; tested
+on CPU).
 
 The driver owns the MLflow run: `train` starts it with the parameters and tags (git commit,
 data hash, params hash), or continues the run of the newest checkpoint, hands its id to the
@@ -47,6 +48,7 @@ from dynroute.platform.shards import read_manifest
 log = logging.getLogger("dynroute.train")
 STATE_FILE = "state.pt"
 SPEC_FILE = "spec.json"
+_DROP_PATH_STREAM = 2  # the dataset's streams are 0 (permutation) and 1 (augmentation)
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,6 @@ def train_loop(config: dict) -> None:
         # pauses) and the search's shared start it began from (warm_start.py), if any.
         history = {"resumes": list(state.get("resumes", [])),
                    "warm_start": state.get("warm_start")}
-        _restore_random_state(state.get("rng"), me.device)
         if "resumes" in state or history["warm_start"] is None:
             history["resumes"].append(step)
             print(f"[rank {me.rank}] resumed from checkpoint at step {step}", flush=True)
@@ -230,18 +231,15 @@ def train_loop(config: dict) -> None:
     while step < end:
         epoch, skip = divmod(step, per_epoch)
         dataset.set_epoch(epoch)
-        # The loader draws its workers' seed from its own generator, not the global stream that
-        # drop path uses, so a resumed epoch does not shift that stream (augmentation is seeded
-        # per sample by the dataset).
         loader = DataLoader(dataset, batch_size=recipe.batch_size, drop_last=True,
-                            num_workers=spec.loader_workers, pin_memory=me.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(recipe.seed))
+                            num_workers=spec.loader_workers, pin_memory=me.device.type == "cuda")
         for i, batch in enumerate(loader):
             if i < skip:
                 continue  # resumed mid-epoch: these batches were trained before the failure
             if step >= end or i >= per_epoch:
                 break
             lr = set_lr(optimizer, step, recipe)
+            torch.manual_seed(step_seed(recipe.seed, me.rank, step))
             progress = step / recipe.iterations
             seg, budget_value, expected, norm = _step(model, batch, me.device, network, cost,
                                                       budget, optimizer, recipe, layout, progress)
@@ -310,8 +308,7 @@ def _checkpoint(network, optimizer, step, run_id, history, spec, me, metrics) ->
     with ray_train.checkpoint_dir(step) as folder:
         if me.is_chief:
             torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step, "mlflow_run_id": run_id, "rng": _random_state(me.device),
-                        **history},
+                        "step": step, "mlflow_run_id": run_id, **history},
                        folder / STATE_FILE)
             (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
         report = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
@@ -319,23 +316,14 @@ def _checkpoint(network, optimizer, step, run_id, history, spec, me, metrics) ->
                          checkpoint=folder if me.is_chief else None, step=step)
 
 
-def _random_state(device: torch.device) -> dict:
-    """The random streams training draws from (drop path), so a resume continues them. Every
-    worker starts from the same seed and draws alike, so the chief's state is everyone's."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one worker's random draws (drop path) at one step.
 
-
-def _restore_random_state(state: dict | None, device: torch.device) -> None:
-    """Continue the checkpoint's random streams (checkpoints from before they carried them, or
-    from another device type, leave the fresh seed's streams as they are)."""
-    if not state:
-        return
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    A pure function of (seed, rank, step): a resumed training (or a warm-started trial) draws what
+    an uninterrupted one would without carrying generator state, and workers, which all start
+    from the same seed for the same initial weights, do not drop the same samples' branches.
+    """
+    return int(np.random.SeedSequence([seed, rank, step, _DROP_PATH_STREAM]).generate_state(1)[0])
 
 
 def _finish_tracking(tracker, network, recipe: TrainConfig) -> None:

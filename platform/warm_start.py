@@ -12,8 +12,8 @@ A copy is the checkpoint's model and optimizer state at step P without the prefi
 (the trial logs into a run of its own, tagged `warm_start` with the prefix's run id) and with
 `warm_start` = {step: P, run_id: the prefix's run}, which the trial's own checkpoints carry on.
 Training resumes from it exactly as from its own checkpoint; the trial's new MLflow run gets
-a copy of the prefix's metrics up to step P, so its curves are whole. Like any resume it
-continues the checkpoint's random streams (drop path), so on the same device and worker count a
+a copy of the prefix's metrics up to step P, so its curves are whole. Random draws are seeded
+per worker and step (`training.step_seed`), so on the same device and worker count a
 warm-started trial ends bit for bit where a cold one does.
 
 It applies when every searched key is a budget weight (`train.lambda2`, `train.mu`) and every
@@ -78,7 +78,7 @@ def seed_run(prefix_checkpoint: str, run_dir: str) -> bool:
     state = ray_train.load_state(prefix_checkpoint, name=STATE_FILE)
     step = int(state["step"])
     copy = {"model": state["model"], "optimizer": state["optimizer"], "step": step,
-            "mlflow_run_id": None, "rng": state.get("rng"),
+            "mlflow_run_id": None,
             "warm_start": {"step": step, "run_id": state.get("mlflow_run_id")}}
     with tempfile.TemporaryDirectory(prefix="dynroute-warm-") as folder:
         torch.save(copy, Path(folder) / STATE_FILE)

@@ -274,8 +274,8 @@ def test_a_failed_training_ends_its_run_failed_and_resuming_continues_it(prepare
 
 
 def test_a_resumed_training_ends_bit_for_bit_where_an_uninterrupted_one_does(prepared, tmp_path):
-    """Drop path draws from the random stream: the checkpoint carries it, so a pause (or a
-    failure, or the search's shared start) changes nothing in the result."""
+    """Drop path draws are seeded per worker and step, so a pause (or a failure) changes
+    nothing in the result."""
     from dataclasses import replace
 
     from dynroute.platform.training import TrackingSpec, TrainSpec, train
@@ -295,3 +295,11 @@ def test_a_resumed_training_ends_bit_for_bit_where_an_uninterrupted_one_does(pre
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_each_worker_and_step_draws_from_a_seed_of_its_own():
+    from dynroute.platform.training import step_seed
+
+    seeds = {step_seed(0, rank, step) for rank in range(4) for step in range(100)}
+    assert len(seeds) == 400, "workers do not drop the same samples' branches"
+    assert step_seed(0, 1, 7) == step_seed(0, 1, 7) != step_seed(1, 1, 7)

@@ -72,8 +72,8 @@ def test_seed_run_into_s3(s3, tmp_path):
 
 
 def test_a_warm_started_trial_ends_bit_for_bit_where_a_cold_one_does(prepared, tmp_path):
-    """Before `budget_start` the budget weights change nothing, and the copy carries the random
-    streams (drop path) on: starting from the shared steps is exact, not an approximation."""
+    """Before `budget_start` the budget weights change nothing, and drop path draws are seeded
+    per worker and step: starting from the shared steps is exact, not an approximation."""
     from dataclasses import replace
 
     from dynroute.platform.training import TrackingSpec, TrainSpec, train
