@@ -13,6 +13,7 @@ from dynroute.models.cell import CELL_OPS
 from dynroute.models.gate import GATE_KINDS
 from dynroute.models.static_routes import STATIC_ROUTES
 from dynroute.models.summary import summarize
+from dynroute.platform.files import write_json_atomic
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Dynamic routing for semantic segmentation: model, data, training, search.")
@@ -20,13 +21,6 @@ model_app = typer.Typer(no_args_is_help=True, help="The network: routes, sizes a
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthesize, prepare into shards.")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def fail(message: str) -> typer.Exit:

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dynroute.pipelines.params import Params
+from dynroute.platform.files import write_json_atomic
 from dynroute.platform.ray_train import CHECKPOINT_PREFIX
 from dynroute.platform.training import SPEC_FILE, STATE_FILE, TrackingSpec, TrainSpec
 
@@ -123,10 +124,9 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
                       progress=Progress(f"evaluate {settings.split}"), warmup=1,
                       fast=settings.fast)
     summary = result.to_dict()
-    _write_json(out / "metrics.json", summary)
+    write_json_atomic(out / "metrics.json", summary)
     if metrics is not None:
-        metrics.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(metrics, summary)
+        write_json_atomic(metrics, summary)
     result.write_per_image(out / "per_image.parquet")
     tables = {
         "per_class_iou.json": [{"class": name, "iou": iou if iou is not None else 0.0}
@@ -136,9 +136,8 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
     }
     for folder in (out, plots):
         if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
             for name, rows in tables.items():
-                _write_json(folder / name, rows)
+                write_json_atomic(folder / name, rows)
     figures = [plot_gate_probability(result.gate_probability, network.layers,
                                    out / "gate_probability.png")]
     route = most_frequent_route(result) or common_x(result.route_statistics, threshold=0.5,
@@ -149,12 +148,6 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
         _track_evaluation(uri, params, source, network.training_run_id, manifest, summary, out,
                           figures)
     return result
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _track_evaluation(uri, params, source, training_run_id, manifest, summary, out,
