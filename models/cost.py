@@ -34,6 +34,7 @@ from .gate import FixedGate, SoftConditionalGate
 from .layers import Resize
 from .routing_space import INIT_ROW, NUM_SCALES, NodeId, channels
 from .stem import PAD_MULTIPLE
+from .transforms import SharedReLU
 
 if TYPE_CHECKING:
     from .network import DynamicRoutingNetwork
@@ -109,6 +110,8 @@ def count_flops(module: nn.Module, shape: Shape) -> tuple[Flops, Shape]:
         return total + flops, shape
     if isinstance(module, SoftConditionalGate):
         return count_flops(module.features, shape)
+    if isinstance(module, SharedReLU):  # applied once by the node, counted per path
+        return Flops(act=c * h * w), shape
     if isinstance(module, (nn.Identity, FixedGate)):
         return Flops(), shape
     raise TypeError(f"the cost model does not know {type(module).__name__}; add it to "

@@ -199,14 +199,14 @@ def _node_hard(node: Node, idx: torch.Tensor | None, x: torch.Tensor, alpha: tor
     if not bool(active.any()):
         return
     act = local[active]
-    h = node.cell(_take(x, act, x.shape[0]))  # (n_active, C, h, w)
+    r = F.relu(node.cell(_take(x, act, x.shape[0])))  # (n_active, C, h, w): ReLU(H), shared
     a = _take(alpha, act, x.shape[0])
     for j, path in enumerate(node.paths):
         opened = open_[act, j]
         if not bool(opened.any()):
             continue
         sel = torch.arange(len(act))[opened]
-        y = node.transforms[path.direction](_take(h, sel, len(act)))
+        y = node.transforms[path.direction](_take(r, sel, len(act)))
         y = _take(a[:, j], sel, len(act)).view(-1, 1, 1, 1) * y
         _deposit(received, path.target, y, _select(idx, act[sel]), batch)
 

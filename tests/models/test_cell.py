@@ -5,6 +5,7 @@ from dynroute.models.cell import CELL_OPS, Cell, drop_path
 from dynroute.models.gate import pin_gate
 from dynroute.models.node import Node
 from dynroute.models.routing_space import RoutingSpace
+from dynroute.models.transforms import SharedReLU
 
 
 @pytest.mark.parametrize("op", sorted(CELL_OPS))
@@ -74,12 +75,14 @@ def test_training_forward_follows_eq4_and_eq6():
     node = _node().train()
     x = torch.randn(3, 8, 6, 6)
     alpha, outs = node(x)
-    h = node.cell(x)
+    r = torch.relu(node.cell(x))  # every transform starts with ReLU(H), applied once
     keep, up, down = (node.transforms[d] for d in ("keep", "up", "down"))
+    assert all(isinstance(t[0], SharedReLU) for t in (keep, up, down))
     a = alpha.view(3, 3, 1, 1, 1)
-    torch.testing.assert_close(outs[0], a[:, 0] * keep(h))  # Σα ≥ 1e-4: no residual
-    torch.testing.assert_close(outs[1], a[:, 1] * up(h))
-    torch.testing.assert_close(outs[2], a[:, 2] * down(h))
+    torch.testing.assert_close(outs[0], a[:, 0] * r)  # keep = ReLU; Σα ≥ 1e-4: no residual
+    torch.testing.assert_close(outs[0], a[:, 0] * keep(r))
+    torch.testing.assert_close(outs[1], a[:, 1] * up(r))
+    torch.testing.assert_close(outs[2], a[:, 2] * down(r))
     assert outs[1].shape == (3, 4, 12, 12) and outs[2].shape == (3, 16, 3, 3)
 
 
@@ -99,5 +102,5 @@ def test_partially_open_node_scales_each_path_by_its_own_alpha():
     x = torch.randn(2, 8, 6, 6)
     alpha, outs = node(x)
     assert bool((outs[0] == 0).all()), "keep closed while another path is open: no residual"
-    up = node.transforms["up"](node.cell(x))
+    up = node.transforms["up"](torch.relu(node.cell(x)))
     torch.testing.assert_close(outs[1], alpha[:, 1].view(-1, 1, 1, 1) * up)
