@@ -3,7 +3,8 @@
 Three sections, each printed as a table with ratios to our eager fp32 baseline:
 
     train    images/s of the full training step (soft forward, cross-entropy + budget loss,
-             backward, clipping at total norm 5.0, SGD), peak memory, and the numerics check
+             backward, clipping at total norm 5.0, SGD), peak memory, the activations kept for
+             the backward pass (countable on a CPU too), and the numerics check
              against fp32 eager from a fixed seed and batch: the losses of the first steps and
              the first step's gradient
     infer    every path open (gates pinned): latency at batch 1, images/s at batch 8, peak memory,
@@ -436,8 +437,28 @@ class TrainStep:
             self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.labels = setup.labels
         self.cudagraphs = case.mode == "reduce-overhead"
+        self.compiled = case.compile
         self.index = 0
         self.gradient: torch.Tensor | None = None
+
+    def saved_mib(self) -> float | None:
+        """MiB of activations one forward keeps for the backward pass (distinct storages,
+        parameters left out): the step's memory, as countable on a CPU as on a GPU. None when
+        compiled (AOTAutograd decides what is kept)."""
+        if self.compiled:
+            return None
+        weights = {p.untyped_storage().data_ptr() for p in self.params}
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.loss_fn(self.images, self.labels)
+        return sum(kept.values()) / 2**20
 
     def __call__(self) -> torch.Tensor:
         if self.cudagraphs:
@@ -496,6 +517,7 @@ def run_train_case(case: TrainCase, setup: TrainSetup, clock: Clock, cases_left:
         row.ms = per_step * 1e3
         row.images_per_s = sizes.train_batch / per_step
         row.peak_mib = device.peak_mib()
+        row.extra["saved_mib"] = step.saved_mib()
         ref = ours if baseline is None else baseline
         tol = tolerance(case.bf16, device)
         row.check = compare(ours.losses, ref.losses, tol=tol)
@@ -967,7 +989,7 @@ def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
 def report_train(rows: list[Row], sizes: Sizes, device: Device, reference_sizes: bool) -> None:
     base = rows[0]
     refs = REFERENCE["train"] if device.cuda and reference_sizes else {}
-    headers = ["case", "img/s", "speedup", "ms/step", "peak MiB", "1st step s",
+    headers = ["case", "img/s", "speedup", "ms/step", "peak MiB", "saved MiB", "1st step s",
                "losses Δ rel", "grad Δ rel (L2)"] + (["ref img/s"] if refs else [])
     table = []
     for r in rows:
@@ -978,14 +1000,15 @@ def report_train(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
             continue
         table.append([r.case, _fmt(r.images_per_s, ".2f"),
                       _ratio(r.images_per_s, base.images_per_s), _fmt(r.ms, ".1f"),
-                      _fmt(r.peak_mib, ".0f"), _fmt(r.first_s, ".1f"),
-                      *_train_check_cells(r)] + ([_ref(refs, r.case)] if refs else []))
+                      _fmt(r.peak_mib, ".0f"), _fmt(r.extra.get("saved_mib"), ".1f"),
+                      _fmt(r.first_s, ".1f"), *_train_check_cells(r)]
+                     + ([_ref(refs, r.case)] if refs else []))
     h, w = sizes.crop
     print_table(f"(a) training step: L={sizes.layers}, C0={sizes.base_channels}, batch "
                 f"{sizes.train_batch}, {h}x{w}, SGD + {BUDGET_NAME} budget loss + clip "
                 f"{GRAD_CLIP}{', small gate' if sizes.small_gate else ''}; vs fp32 eager: losses "
                 f"of the first {CHECK_STEPS} steps (max |Δ| / max |ref|) and the first step's "
-                f"gradient (||Δ|| / ||ref||)",
+                f"gradient (||Δ|| / ||ref||); saved MiB: activations kept for the backward pass",
                 headers, table)
     for r in rows:
         if r.note:
