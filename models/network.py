@@ -152,7 +152,8 @@ class DynamicRoutingNetwork(nn.Module):
         """Per-sample routing, row by row: the gates of a whole row are evaluated first and
         their open/closed decisions reach the host in one transfer, the row's only wait on the
         device (L + 1 waits per forward instead of one or more per node). Which samples are
-        present where is bookkept on the host, so it costs no further waits."""
+        present where is bookkept on the host in plain Python, so it costs no further waits and no
+        tensor operators."""
         batch = x.shape[0]
         inputs: dict[NodeId, Feature] = {(INIT_ROW, 0): Feature(x)}
         gates: dict[NodeId, torch.Tensor] = {}
@@ -170,11 +171,12 @@ class DynamicRoutingNetwork(nn.Module):
                 work.append((node, idx, value, node.gate(value)))
             if work:
                 opened = torch.cat([(alpha > self.closed_threshold).flatten()
-                                    for *_, alpha in work]).cpu()  # the row's one host sync
+                                    for *_, alpha in work]).tolist()  # the row's one wait
                 start = 0
                 for node, idx, value, alpha in work:
-                    open_ = opened[start:start + alpha.numel()].view(alpha.shape)
-                    start += alpha.numel()
+                    n, g = alpha.shape
+                    open_ = [opened[start + i * g:start + (i + 1) * g] for i in range(n)]
+                    start += n * g
                     _node_hard(node, idx, value, alpha, open_, received, batch)
                     gates[node.node] = alpha if idx is None else alpha.new_zeros(
                         batch, alpha.shape[1]).index_copy(0, to_device(idx, x.device), alpha)
@@ -182,71 +184,62 @@ class DynamicRoutingNetwork(nn.Module):
         return self._decoder_inputs(inputs), gates
 
 
-def _node_hard(node: Node, idx: torch.Tensor | None, x: torch.Tensor, alpha: torch.Tensor,
-               open_: torch.Tensor, received: dict[NodeId, Feature], batch: int) -> None:
+def _node_hard(node: Node, idx: list[int] | None, x: torch.Tensor, alpha: torch.Tensor,
+               open_: list[list[bool]], received: dict[NodeId, Feature], batch: int) -> None:
     """Run one node on its present samples; deposit its outputs in `received`.
 
-    idx: batch indices (host) of the rows of `x`, None when they are the whole batch in order;
-    alpha (n, g): the node's gates; open_ (n, g) on the host: which paths are open.
+    idx: batch indices of the rows of `x`, None when they are the whole batch in order;
+    alpha (n, g): the node's gates; open_[i][j]: whether row i opened path j.
     """
-    active = open_.any(dim=1)
-    local = torch.arange(x.shape[0])
-    if not bool(active.all()) and "keep" in node.transforms:
+    act = [i for i, row in enumerate(open_) if any(row)]
+    if len(act) < len(open_) and "keep" in node.transforms:
         # A node with every path closed passes its input on unchanged (Eq. 5–6).
-        rest = local[~active]
+        rest = [i for i, row in enumerate(open_) if not any(row)]
         keep = next(p for p in node.paths if p.direction == "keep")
         _deposit(received, keep.target, _take(x, rest, x.shape[0]), _select(idx, rest), batch)
-    if not bool(active.any()):
+    if not act:
         return
-    act = local[active]
     r = F.relu(node.cell(_take(x, act, x.shape[0])))  # (n_active, C, h, w): ReLU(H), shared
     a = _take(alpha, act, x.shape[0])
     for j, path in enumerate(node.paths):
-        opened = open_[act, j]
-        if not bool(opened.any()):
+        sel = [k for k, i in enumerate(act) if open_[i][j]]
+        if not sel:
             continue
-        sel = torch.arange(len(act))[opened]
         y = node.transforms[path.direction](_take(r, sel, len(act)))
         y = _take(a[:, j], sel, len(act)).view(-1, 1, 1, 1) * y
-        _deposit(received, path.target, y, _select(idx, act[sel]), batch)
+        _deposit(received, path.target, y, _select(idx, [act[k] for k in sel]), batch)
 
 
 def _pad_to(size: int) -> int:
     return math.ceil(size / PAD_MULTIPLE) * PAD_MULTIPLE - size
 
 
-def _take(t: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
-    """t[rows] (`rows` on the host) without a copy when `rows` is every row in order."""
+def _take(t: torch.Tensor, rows: list[int], total: int) -> torch.Tensor:
+    """t[rows] (`rows` ascending) without a copy when `rows` is every row."""
     if len(rows) == total:
         return t
     return t.index_select(0, to_device(rows, t.device))
 
 
-def _select(idx: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """Batch indices (host) of local rows `rows` given the batch indices `idx` of the local
-    samples."""
-    return rows if idx is None else idx[rows]
+def _select(idx: list[int] | None, rows: list[int]) -> list[int]:
+    """Batch indices of local rows `rows` given the batch indices `idx` of the local samples."""
+    return rows if idx is None else [idx[r] for r in rows]
 
 
 def _deposit(received: dict[NodeId, Feature], target: NodeId, value: torch.Tensor,
-             batch_idx: torch.Tensor, batch: int) -> None:
+             batch_idx: list[int], batch: int) -> None:
     """Add `value` (rows for the samples `batch_idx`) to the input of `target`."""
     prev = received.get(target)
-    if len(batch_idx) == batch:  # every sample, in order: plain sum
-        received[target] = Feature(value if prev is None else prev.value + value,
-                                   None if prev is None else prev.present)
-        if prev is not None and prev.present is not None:
-            received[target].present = torch.ones_like(prev.present)
+    if len(batch_idx) == batch:  # every sample, in order: plain sum, every sample present
+        received[target] = Feature(value if prev is None else prev.value + value)
         return
     base = value.new_zeros(batch, *value.shape[1:]) if prev is None else prev.value
-    if prev is None:
-        present = torch.zeros(batch, dtype=torch.bool)
-    elif prev.present is None:
-        present = None
-    else:
-        present = prev.present.clone()
-    if present is not None:
-        present[batch_idx] = True
+    present = None
+    if prev is None or prev.present is not None:
+        flags = [False] * batch if prev is None else list(prev.present)
+        for i in batch_idx:
+            flags[i] = True
+        present = tuple(flags)
     received[target] = Feature(base.index_add(0, to_device(batch_idx, value.device), value),
                                present)
 

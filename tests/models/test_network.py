@@ -155,12 +155,12 @@ def test_decoder_survives_a_dropped_scale():
     # Dropping the coarsest scale skips its conv: same as feeding only the finer ones from there.
     only_fine = dec([Feature(f[0]), Feature(f[1]), Feature(f[2]), None])
     partial = dec([Feature(f[0]), Feature(f[1]), Feature(f[2]),
-                   Feature(torch.zeros_like(f[3]), torch.tensor([False, False]))])
+                   Feature(torch.zeros_like(f[3]), (False, False))])
     torch.testing.assert_close(only_fine, partial)
     # a scale absent for one sample only: that sample matches the dropped-scale result
     mixed = dec([Feature(f[0]), Feature(f[1]), Feature(f[2]),
                  Feature(f[3] * torch.tensor([1.0, 0]).view(2, 1, 1, 1),
-                         torch.tensor([True, False]))])
+                         (True, False))])
     torch.testing.assert_close(mixed[1], only_fine[1])
     torch.testing.assert_close(mixed[0], full[0])
 
