@@ -309,6 +309,29 @@ def median_time(fn: Callable[[], object], device: Device, repeats: int) -> float
     return statistics.median(times)
 
 
+# Operators that launch no kernel: views and aliases, and allocation.
+_NO_KERNEL = {"empty", "empty_strided", "lift_fresh", "_to_copy_noop"}
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    """ATen operators `fn` dispatches that compute something (views, aliases and allocations
+    left out): about the kernels it launches eagerly, the same on every device, so a CPU run
+    shows what removes launches on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
+                Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.count
+
+
 def _reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:140] if text else ''}"
@@ -518,6 +541,7 @@ def run_train_case(case: TrainCase, setup: TrainSetup, clock: Clock, cases_left:
         row.images_per_s = sizes.train_batch / per_step
         row.peak_mib = device.peak_mib()
         row.extra["saved_mib"] = step.saved_mib()
+        row.extra["ops"] = None if case.compile else count_ops(step)
         ref = ours if baseline is None else baseline
         tol = tolerance(case.bf16, device)
         row.check = compare(ours.losses, ref.losses, tol=tol)
@@ -750,6 +774,7 @@ def run_infer_case(case: InferCase, net: nn.Module, sizes: Sizes, device: Device
         runner(batch)  # warm-up (and compile) at the throughput batch
         runner(batch)
         row.peak_mib = device.peak_mib()
+        row.extra["ops"] = None if case.compile else count_ops(lambda: runner(one))
         ref = logits if reference is None else reference
         row.check = compare(logits, ref, tol=tolerance(case.bf16, device))
         if case.compile:
@@ -989,7 +1014,7 @@ def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
 def report_train(rows: list[Row], sizes: Sizes, device: Device, reference_sizes: bool) -> None:
     base = rows[0]
     refs = REFERENCE["train"] if device.cuda and reference_sizes else {}
-    headers = ["case", "img/s", "speedup", "ms/step", "peak MiB", "saved MiB", "1st step s",
+    headers = ["case", "img/s", "speedup", "ms/step", "ops", "peak MiB", "saved MiB", "1st step s",
                "losses Δ rel", "grad Δ rel (L2)"] + (["ref img/s"] if refs else [])
     table = []
     for r in rows:
@@ -1000,7 +1025,8 @@ def report_train(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
             continue
         table.append([r.case, _fmt(r.images_per_s, ".2f"),
                       _ratio(r.images_per_s, base.images_per_s), _fmt(r.ms, ".1f"),
-                      _fmt(r.peak_mib, ".0f"), _fmt(r.extra.get("saved_mib"), ".1f"),
+                      _fmt(r.extra.get("ops"), "d"), _fmt(r.peak_mib, ".0f"),
+                      _fmt(r.extra.get("saved_mib"), ".1f"),
                       _fmt(r.first_s, ".1f"), *_train_check_cells(r)]
                      + ([_ref(refs, r.case)] if refs else []))
     h, w = sizes.crop
@@ -1008,7 +1034,8 @@ def report_train(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
                 f"{sizes.train_batch}, {h}x{w}, SGD + {BUDGET_NAME} budget loss + clip "
                 f"{GRAD_CLIP}{', small gate' if sizes.small_gate else ''}; vs fp32 eager: losses "
                 f"of the first {CHECK_STEPS} steps (max |Δ| / max |ref|) and the first step's "
-                f"gradient (||Δ|| / ||ref||); saved MiB: activations kept for the backward pass",
+                f"gradient (||Δ|| / ||ref||); ops: operators run per step (views left out); "
+                f"saved MiB: activations kept for the backward pass",
                 headers, table)
     for r in rows:
         if r.note:
@@ -1024,7 +1051,7 @@ def report_train(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
 def report_infer(rows: list[Row], sizes: Sizes, device: Device, reference_sizes: bool) -> None:
     base = rows[0]
     refs = REFERENCE["infer"] if device.cuda and reference_sizes else {}
-    headers = ["case", "b1 ms", "speedup", f"b{sizes.infer_batch} img/s", "speedup",
+    headers = ["case", "b1 ms", "speedup", f"b{sizes.infer_batch} img/s", "speedup", "b1 ops",
                "peak MiB", "1st call s", "logits Δ abs", "Δ rel", "check"] + (
                    ["ref ms"] if refs else [])
     table = []
@@ -1036,7 +1063,8 @@ def report_infer(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
             continue
         table.append([r.case, _fmt(r.ms, ".2f"), _ratio(base.ms, r.ms),
                       _fmt(r.images_per_s, ".2f"), _ratio(r.images_per_s, base.images_per_s),
-                      _fmt(r.peak_mib, ".0f"), _fmt(r.first_s, ".1f"), *_check_cells(r.check)]
+                      _fmt(r.extra.get("ops"), "d"), _fmt(r.peak_mib, ".0f"),
+                      _fmt(r.first_s, ".1f"), *_check_cells(r.check)]
                      + ([_ref(refs, r.case)] if refs else []))
     h, w = sizes.infer_size
     print_table(f"(b) inference, every path open: L={sizes.layers}, C0={sizes.base_channels}, "
