@@ -17,9 +17,9 @@ the same fp32 arithmetic: tests on CPU prove the fast and plain paths compute th
 Inference also folds every BN into the conv before it (`models/fusion.py`): the same function up to
 fp32 rounding, one kernel and one pass over the activations fewer per BN. On a CPU (one thread,
 L=4, C₀=8, 128×256, 40 interleaved rounds; benchmarks/results/gpu_bench-cpu-2026-11-27.log) folded
-BN + channels-last took 13.98 ms at batch 1 against 15.29 ms for channels-last alone (1.09×) and
-16.19 ms for the baseline (1.16×); at batch 8 it was level with channels-last (211 vs 218 img/s,
-within the noise). Its GPU figure is not measured yet.
+BN + channels-last took 8.30 ms at batch 1 against 9.79 ms for channels-last alone (1.18×) and
+10.77 ms for the baseline (1.30×), and gave 342 against 311 and 269 images/s at batch 8. Its GPU
+figure is not measured yet.
 """
 
 from __future__ import annotations
