@@ -106,6 +106,15 @@ def test_smoke_run_needs_only_torch_and_uses_the_models_folder_next_to_it(tmp_pa
             if section == "train":
                 assert row["grad_check"]["ok"], (row["case"], row["grad_check"])
             assert row["case"] in res.stdout
+    # Deterministic figures a CPU measures for GPU work: operators and kept activations.
+    infer = {r["case"]: r["extra"] for r in results["infer"]}
+    base = infer["eager fp32 (baseline)"]["ops"]
+    assert infer["folded BN + CL (default)"]["ops"] < base, "folding removes the BN operators"
+    assert base <= infer["static soft forward fp32"]["ops"], \
+        "routing bookkeeping adds no tensor operators to an all-open forward"
+    train = {r["case"]: r["extra"] for r in results["train"]}
+    assert train["eager fp32 (baseline)"]["ops"] > base
+    assert 0 < train["bf16 autocast"]["saved_mib"] < train["eager fp32 (baseline)"]["saved_mib"]
     mixed = [r for r in results["dynamic"] if r["case"] == bench.MIXED_CASE]
     assert len(mixed) == 1 and mixed[0]["check"]["ok"], mixed
     timed = [r for r in results["dynamic"] if r["case"] != bench.MIXED_CASE]
