@@ -158,12 +158,18 @@ def prepare_model(model: torch.nn.Module, *, device: torch.device) -> torch.nn.M
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over workers (identity when alone), so every worker reports the same numbers."""
+    """Mean over workers (identity when alone), so every worker reports the same numbers.
+
+    The values travel on the device the process group's backend serves (NCCL: this worker's GPU
+    only; gloo: the host) and come back on the device they came from.
+    """
     if not is_distributed():
         return values
-    values = values.clone()
-    dist.all_reduce(values)
-    return values / dist.get_world_size()
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    reduced = values.to(device, copy=True)
+    dist.all_reduce(reduced)
+    return (reduced / dist.get_world_size()).to(values.device)
 
 
 def latest_state(run_dir: str, *, name: str, in_worker: bool = True) -> object | None:

@@ -121,10 +121,21 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> 
     return lr
 
 
-def clip_gradients(parameters, max_norm: float) -> float:
-    """Clip to total norm `max_norm`; returns the norm before clipping (inf/NaN raises)."""
-    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm, error_if_nonfinite=True)
-    return float(norm)
+def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """Clip to total norm `max_norm`; returns the norm before clipping, a 0-d tensor on the
+    gradients' device. Nothing here waits for the device: a non-finite norm (the step's
+    gradients then become NaN) is the caller's to check where it reads its figures back
+    (`check_finite`)."""
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm).detach()
+
+
+def check_finite(figures: dict[str, float], where: str) -> None:
+    """Raise FloatingPointError naming the first non-finite figure: the training diverged."""
+    bad = [k for k, v in figures.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"{', '.join(bad)} not finite {where}: the training diverged (lower train.lr or "
+            f"train.grad_clip, or check the data); no checkpoint was written past it")
 
 
 def steps_per_epoch(samples_per_rank: int, batch_size: int) -> int:

@@ -38,6 +38,7 @@ from dynroute.platform.dataset import ShardDataset
 from dynroute.platform.recipe import (
     TrainConfig,
     build_optimizer,
+    check_finite,
     clip_gradients,
     network_for_budget,
     set_lr,
@@ -225,7 +226,11 @@ def train_loop(config: dict) -> None:
     if not history["resumes"]:  # a start (from zero or from the search's shared steps)
         tracker.log_metrics({"c_all_gflops": cost.all_open_expected() / 1e9}, step=0)
 
-    sums = torch.zeros(5, dtype=torch.float64)  # seg, budget, expected FLOPs, grad norm, count
+    # Per-step figures stay on the device (seg, budget, expected FLOPs, grad norm) and are read
+    # back only every log_every steps and at checkpoints: no step waits for the device, so the
+    # host queues the next step's kernels while the GPU still runs this one.
+    sums = torch.zeros(4, dtype=torch.float64, device=me.device)
+    count = 0
     started, last_metrics = time.monotonic(), {}
     end = recipe.iterations if spec.stop_at is None else min(spec.stop_at, recipe.iterations)
     while step < end:
@@ -241,18 +246,25 @@ def train_loop(config: dict) -> None:
             lr = set_lr(optimizer, step, recipe)
             torch.manual_seed(step_seed(recipe.seed, me.rank, step))
             progress = step / recipe.iterations
-            seg, budget_value, expected, norm = _step(model, batch, me.device, network, cost,
-                                                      budget, optimizer, recipe, layout, progress)
+            sums += _step(model, batch, me.device, network, cost, budget, optimizer, recipe,
+                          layout, progress)
             step += 1
-            sums += torch.tensor([seg, budget_value, expected, norm, 1.0], dtype=torch.float64)
-            if step % spec.log_every == 0 or step == recipe.iterations:
-                last_metrics = _metrics(sums, lr, step, started)
-                sums.zero_()
-                tracker.log_metrics(last_metrics, step=step)
-                if me.is_chief:
-                    line = _progress_line(last_metrics, step, recipe.iterations, started)
-                    print(line, flush=True)
-            if step % spec.checkpoint_every == 0 or step == end:
+            count += 1
+            logs = step % spec.log_every == 0 or step == recipe.iterations
+            checkpoints = step % spec.checkpoint_every == 0 or step == end
+            if count and (logs or checkpoints):  # never checkpoint past a diverged step
+                figures = _metrics(sums, count, lr, step, started)
+                check_finite({k: figures[k] for k in _CHECKED}, f"in steps {step - count + 1}-"
+                             f"{step}")
+                if logs:
+                    last_metrics = figures
+                    sums.zero_()
+                    count = 0
+                    tracker.log_metrics(last_metrics, step=step)
+                    if me.is_chief:
+                        line = _progress_line(last_metrics, step, recipe.iterations, started)
+                        print(line, flush=True)
+            if checkpoints:
                 _checkpoint(network, optimizer, step, run_id, history, spec, me, last_metrics)
         skip = 0
     if me.is_chief:
@@ -277,17 +289,21 @@ def _step(model, batch, device, network, cost, budget, optimizer, recipe, layout
     loss.backward()
     norm = clip_gradients(network.parameters(), recipe.grad_clip)
     optimizer.step()
-    return seg.item(), float(budget_value.detach()), expected.detach().mean().item(), norm
+    return torch.stack([seg.detach(), torch.as_tensor(budget_value).detach(),
+                        expected.detach().mean(), norm]).to(torch.float64)  # (4,), on the device
 
 
-def _metrics(sums: torch.Tensor, lr: float, step: int, started: float) -> dict:
-    mean = ray_train.all_reduce_mean(sums)  # identical numbers on every worker
-    n = max(float(mean[4]), 1e-12)
+_CHECKED = (M.LOSS_SEGMENTATION, M.LOSS_BUDGET, "grad_norm")
+
+
+def _metrics(sums: torch.Tensor, count: int, lr: float, step: int, started: float) -> dict:
+    """Means over the last `count` steps and every worker (identical numbers everywhere)."""
+    seg, budget, expected, norm = (ray_train.all_reduce_mean(sums) / count).tolist()
     return {
-        M.LOSS_SEGMENTATION: float(mean[0]) / n,
-        M.LOSS_BUDGET: float(mean[1]) / n,
-        M.EXPECTED_GFLOPS: float(mean[2]) / n / 1e9,
-        "grad_norm": float(mean[3]) / n,
+        M.LOSS_SEGMENTATION: seg,
+        M.LOSS_BUDGET: budget,
+        M.EXPECTED_GFLOPS: expected / 1e9,
+        "grad_norm": norm,
         M.LEARNING_RATE: lr,
         "step": step,
         "elapsed_s": time.monotonic() - started,

@@ -303,3 +303,31 @@ def test_each_worker_and_step_draws_from_a_seed_of_its_own():
     seeds = {step_seed(0, rank, step) for rank in range(4) for step in range(100)}
     assert len(seeds) == 400, "workers do not drop the same samples' branches"
     assert step_seed(0, 1, 7) == step_seed(0, 1, 7) != step_seed(1, 1, 7)
+
+
+def test_a_diverging_training_stops_with_a_clear_error_before_any_bad_checkpoint(prepared,
+                                                                                 tmp_path):
+    """Steps do not wait for the device, so divergence is caught where figures are read back:
+    at the next log or checkpoint step, before that checkpoint is written."""
+    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+
+    spec = TrainSpec(data=str(prepared), model={"layers": 4, "base_channels": 4},
+                     train={"iterations": 12, "batch_size": 2, "crop": [64, 64],
+                            "warmup_iterations": 0, "lr": 1e12},
+                     name="diverge", storage=str(tmp_path / "runs"), checkpoint_every=3,
+                     log_every=6, tracking=TrackingSpec(uri=None))
+    with pytest.raises(Exception) as caught:
+        train(spec)
+    chain, err = [], caught.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__ or err.__context__
+    found = [m for text in chain for m in [re.search(r"not finite in steps (\d+)-(\d+)", text)]
+             if m and "diverged" in text]
+    assert found, chain
+    last = int(found[0].group(2))
+    for checkpoint in (tmp_path / "runs" / "diverge").glob("checkpoint_*"):
+        assert int(checkpoint.name.split("_")[1]) < last, f"{checkpoint.name} is past the failure"
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in state["model"].values()
+                   if v.is_floating_point()), f"{checkpoint.name} holds a diverged model"
