@@ -7,8 +7,8 @@ same all-reduced metrics and rank 0 hands Ray a checkpoint (model, optimizer, st
 id). After a failure the loop starts again from the latest checkpoint: the step counter goes
 back at most `checkpoint_every` steps and the MLflow run continues. Data order and augmentation
 are seeded per epoch and sample, drop path per worker and step (`step_seed`), so a resumed
-training ends bit for bit where an uninterrupted one does (same device and worker count; tested
-on CPU).
+training ends bit for bit where an uninterrupted one does (same device, workers and loader
+workers; tested on CPU).
 
 The driver owns the MLflow run: `train` starts it with the parameters and tags (git commit,
 data hash, params hash), or continues the run of the newest checkpoint, hands its id to the
@@ -259,7 +259,7 @@ def train_loop(config: dict) -> None:
             count += 1
             logs = step % spec.log_every == 0 or step == recipe.iterations
             checkpoints = step % spec.checkpoint_every == 0 or step == end
-            if count and (logs or checkpoints):  # never checkpoint past a diverged step
+            if logs or checkpoints:  # read back, and never checkpoint past a diverged step
                 figures = _metrics(sums, count, lr, step, started)
                 check_finite({k: figures[k] for k in _CHECKED}, f"in steps {step - count + 1}-"
                              f"{step}")
