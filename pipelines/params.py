@@ -58,7 +58,7 @@ class RunParams:
     storage: str = "artifacts/runs"  # local path or s3://bucket/prefix (Ray storage)
     workers: int = 0  # Ray Train workers; 0 runs the loop in this process
     use_gpu: bool = False
-    loader_workers: int = 0
+    loader_workers: int | None = None  # None: fast_path.loader_workers (CUDA: cores per GPU)
     checkpoint_every: int = 50
     log_every: int = 10
     max_failures: int = 2

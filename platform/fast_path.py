@@ -25,6 +25,7 @@ figure is not measured yet.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -76,3 +77,23 @@ def for_inference(device: torch.device, *, fast: bool = True) -> FastPath:
     """Inference: channels-last and folded BN unless `fast` is off."""
     del device  # channels-last measured faster on CUDA and on CPU alike
     return FastPath(channels_last=fast, fold_batchnorm=fast)
+
+
+# benchmarks/data_loader.py: one core decodes and augments ~21 Cityscapes 768×768 crops/s, fewer
+# than one H100 trains (37 img/s measured): a GPU needs loader processes beside its own.
+MAX_LOADER_WORKERS = 8
+
+
+def loader_workers(device: torch.device, *, cores: int | None = None,
+                   gpus: int | None = None) -> int:
+    """DataLoader processes to use when `run.loader_workers` is not set.
+
+    On CUDA, this machine's cores per GPU, less one for the training process, between 1 and
+    `MAX_LOADER_WORKERS`; on a CPU none (the cores train there, and measured no faster with
+    loader processes competing for them).
+    """
+    if device.type != "cuda":
+        return 0
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    gpus = gpus if gpus is not None else max(1, torch.cuda.device_count())
+    return max(1, min(MAX_LOADER_WORKERS, cores // max(1, gpus) - 1))

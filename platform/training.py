@@ -73,7 +73,7 @@ class TrainSpec:
     storage: str = "runs"
     workers: int = 0
     use_gpu: bool = False
-    loader_workers: int = 0
+    loader_workers: int | None = None  # None: the resumed checkpoint's, else fast_path's
     checkpoint_every: int = 100
     log_every: int = 10
     max_failures: int = 2
@@ -201,8 +201,13 @@ def train_loop(config: dict) -> None:
                         schedule=BudgetSchedule(recipe.budget_start, recipe.budget_ramp))
     optimizer = build_optimizer(network, recipe)
     step, history = 0, {"resumes": []}
+    # Batch order depends on the number of loader processes, so a resume keeps the count the
+    # run started with (recorded in its checkpoints) unless one is set explicitly.
+    workers = spec.loader_workers
     state = ray_train.latest_state(_run_dir(spec), name=STATE_FILE)
     if state is not None:
+        if workers is None:
+            workers = state.get("loader_workers")
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -218,12 +223,13 @@ def train_loop(config: dict) -> None:
                   flush=True)
         del state
     model = ray_train.prepare_model(network, device=me.device)
-    if me.device.type == "cuda" and spec.loader_workers == 0 and me.is_chief:
-        # benchmarks/data_loader.py: one core decodes and augments ~21 Cityscapes crops/s, fewer
-        # than one H100 trains (37 img/s measured), so in-process loading starves the GPU.
+    if workers is None:
+        workers = fast_path.loader_workers(me.device)
+    history["loader_workers"] = workers
+    if me.device.type == "cuda" and workers == 0 and me.is_chief:
         print("[rank 0] warning: run.loader_workers is 0, so decoding and augmentation run in "
               "the training process (~21 Cityscapes 768x768 crops/s per core, below what a GPU "
-              "trains); set run.loader_workers to the cores each GPU can use, e.g. 6",
+              "trains); leave run.loader_workers unset or give the cores each GPU can use",
               flush=True)
 
     dataset = ShardDataset(root=spec.data, split="train", train=True, crop=recipe.crop,
@@ -244,7 +250,7 @@ def train_loop(config: dict) -> None:
         epoch, skip = divmod(step, per_epoch)
         dataset.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=recipe.batch_size, drop_last=True,
-                            num_workers=spec.loader_workers, pin_memory=me.device.type == "cuda")
+                            num_workers=workers, pin_memory=me.device.type == "cuda")
         for i, batch in enumerate(loader):
             if i < skip:
                 continue  # resumed mid-epoch: these batches were trained before the failure
@@ -327,7 +333,8 @@ def _progress_line(metrics: dict, step: int, total: int, started: float) -> str:
 
 
 def _checkpoint(network, optimizer, step, run_id, history, spec, me, metrics) -> None:
-    """`history`: `resumes` (the steps this run restarted from so far) and `warm_start`."""
+    """`history`: `resumes` (the steps this run restarted from so far), `warm_start` and
+    `loader_workers` (the loader processes the run's batch order comes from)."""
     with ray_train.checkpoint_dir(step) as folder:
         if me.is_chief:
             torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(),

@@ -78,7 +78,7 @@ def seed_run(prefix_checkpoint: str, run_dir: str) -> bool:
     state = ray_train.load_state(prefix_checkpoint, name=STATE_FILE)
     step = int(state["step"])
     copy = {"model": state["model"], "optimizer": state["optimizer"], "step": step,
-            "mlflow_run_id": None,
+            "mlflow_run_id": None, "loader_workers": state.get("loader_workers"),
             "warm_start": {"step": step, "run_id": state.get("mlflow_run_id")}}
     with tempfile.TemporaryDirectory(prefix="dynroute-warm-") as folder:
         torch.save(copy, Path(folder) / STATE_FILE)

@@ -143,3 +143,12 @@ def test_fast_and_plain_evaluation_agree_and_the_network_is_left_as_it_was(val_s
     with torch.inference_mode():
         logits = infer(net, sample["image"][None]).logits
     assert logits.is_contiguous()
+
+
+def test_loader_processes_feed_a_gpu_and_stay_out_of_a_cpus_way():
+    assert fast_path.loader_workers(CPU, cores=16, gpus=1) == 0
+    assert fast_path.loader_workers(CUDA, cores=16, gpus=1) == fast_path.MAX_LOADER_WORKERS
+    assert fast_path.loader_workers(CUDA, cores=16, gpus=4) == 3  # one core per GPU trains
+    assert fast_path.loader_workers(CUDA, cores=2, gpus=1) == 1
+    assert fast_path.loader_workers(CUDA, cores=4, gpus=8) == 1
+    assert Params().run.loader_workers is None, "unset by default: the device decides"

@@ -331,3 +331,26 @@ def test_a_diverging_training_stops_with_a_clear_error_before_any_bad_checkpoint
         state = torch.load(checkpoint / "state.pt", weights_only=False)
         assert all(torch.isfinite(v).all() for v in state["model"].values()
                    if v.is_floating_point()), f"{checkpoint.name} holds a diverged model"
+
+
+def test_a_resume_keeps_the_loader_processes_its_batch_order_came_from(prepared, tmp_path):
+    """Batches come round-robin from the loader processes, so their number decides the order;
+    a resume with the count unset (auto: none on a CPU) keeps the checkpoint's."""
+    from dataclasses import replace
+
+    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+
+    spec = TrainSpec(data=str(prepared), model={"layers": 4, "base_channels": 4},
+                     train={"iterations": 8, "batch_size": 2, "crop": [64, 64],
+                            "warmup_iterations": 2},
+                     name="two", storage=str(tmp_path / "runs"), checkpoint_every=4,
+                     log_every=4, loader_workers=2, tracking=TrackingSpec(uri=None))
+    whole = train(spec)
+    paused = replace(spec, name="paused")
+    train(replace(paused, stop_at=3))
+    resumed = train(replace(paused, loader_workers=None))
+    a = torch.load(Path(whole.checkpoint) / "state.pt", weights_only=False)
+    b = torch.load(Path(resumed.checkpoint) / "state.pt", weights_only=False)
+    assert a["loader_workers"] == b["loader_workers"] == 2
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
