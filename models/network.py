@@ -159,27 +159,29 @@ class DynamicRoutingNetwork(nn.Module):
         gates: dict[NodeId, torch.Tensor] = {}
         for row in self.rows():
             received: dict[NodeId, Feature] = {}
-            work = []  # (node, batch indices of its present samples or None, its input, α)
+            # (node, batch indices of its present samples or None, the same on the device, its
+            # input, α)
+            work = []
             for node in row:
                 feature = inputs.get(node.node)
                 if feature is None or not feature.any:
                     gates[node.node] = x.new_zeros(batch, len(node.paths))
                     continue
                 idx = feature.index()
-                value = feature.value if idx is None else feature.value.index_select(
-                    0, to_device(idx, x.device))
-                work.append((node, idx, value, node.gate(value)))
+                where = None if idx is None else to_device(idx, x.device)
+                value = feature.value if where is None else feature.value.index_select(0, where)
+                work.append((node, idx, where, value, node.gate(value)))
             if work:
                 opened = torch.cat([(alpha > self.closed_threshold).flatten()
                                     for *_, alpha in work]).tolist()  # the row's one wait
                 start = 0
-                for node, idx, value, alpha in work:
+                for node, idx, where, value, alpha in work:
                     n, g = alpha.shape
                     open_ = [opened[start + i * g:start + (i + 1) * g] for i in range(n)]
                     start += n * g
                     _node_hard(node, idx, value, alpha, open_, received, batch)
-                    gates[node.node] = alpha if idx is None else alpha.new_zeros(
-                        batch, alpha.shape[1]).index_copy(0, to_device(idx, x.device), alpha)
+                    gates[node.node] = alpha if where is None else alpha.new_zeros(
+                        batch, g).index_copy(0, where, alpha)
             inputs = received
         return self._decoder_inputs(inputs), gates
 

@@ -17,13 +17,10 @@ from .conftest import tiny_network
 def trained_statistics(net: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BN running statistics and affine values far from their initial ones."""
     g = torch.Generator().manual_seed(seed)
+    for bn in net.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            trained_statistics_bn(bn, g)
     with torch.no_grad():
-        for bn in net.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.running_mean.normal_(0.0, 0.5, generator=g)
-                bn.running_var.uniform_(0.3, 3.0, generator=g)
-                bn.weight.uniform_(0.5, 1.5, generator=g)
-                bn.bias.normal_(0.0, 0.3, generator=g)
         for node in net.nodes.values():  # gates that close some paths, per image
             final = getattr(node.gate, "features", [None])[-1]
             if isinstance(final, nn.Conv2d):
@@ -36,7 +33,7 @@ def trained_statistics(net: nn.Module, seed: int = 0) -> nn.Module:
 def test_a_folded_conv_equals_conv_then_bn(kernel, groups, bias):
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, kernel, padding=kernel // 2, groups=groups, bias=bias)
-    bn = trained_statistics_bn(nn.BatchNorm2d(8))
+    bn = trained_statistics_bn(nn.BatchNorm2d(8)).eval()
     x = torch.randn(2, 8, 9, 11)
     folded = fold_conv_bn(conv, bn)
     assert isinstance(folded, FoldedConv2d) and folded.bias is not None
@@ -44,13 +41,15 @@ def test_a_folded_conv_equals_conv_then_bn(kernel, groups, bias):
         torch.testing.assert_close(folded(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
 
 
-def trained_statistics_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+def trained_statistics_bn(bn: nn.BatchNorm2d,
+                          generator: torch.Generator | None = None) -> nn.BatchNorm2d:
+    """One BN with running statistics and affine values far from their initial ones."""
     with torch.no_grad():
-        bn.running_mean.normal_(0.0, 0.5)
-        bn.running_var.uniform_(0.3, 3.0)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.normal_(0.0, 0.3)
-    return bn.eval()
+        bn.running_mean.normal_(0.0, 0.5, generator=generator)
+        bn.running_var.uniform_(0.3, 3.0, generator=generator)
+        bn.weight.uniform_(0.5, 1.5, generator=generator)
+        bn.bias.normal_(0.0, 0.3, generator=generator)
+    return bn
 
 
 def test_a_bn_without_running_statistics_is_refused():
