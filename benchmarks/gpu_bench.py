@@ -182,8 +182,9 @@ class Device:
         """Peak allocated since `reset_peak` (CUDA); None on CPU (no per-case figure)."""
         return torch.cuda.max_memory_allocated(self.torch) / 2**20 if self.cuda else None
 
-    def autocast(self, enabled: bool) -> contextlib.AbstractContextManager:
-        return torch.autocast(device_type=self.torch.type, dtype=torch.bfloat16, enabled=enabled)
+    def autocast(self, enabled: bool, *, cache: bool = True) -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type=self.torch.type, dtype=torch.bfloat16, enabled=enabled,
+                              cache_enabled=cache)
 
 
 class Clock:
@@ -374,6 +375,7 @@ class TrainCase:
     compile: bool = False
     mode: str | None = None  # torch.compile mode (inductor only)
     cudnn_benchmark: bool = False
+    graph: bool = False  # the step replayed as one CUDA graph (platform/cuda_graph.py)
     cuda_only: bool = False
     optional: bool = False  # only when the section has time to spare
 
@@ -385,6 +387,9 @@ TRAIN_CASES = (
     TrainCase("bf16 autocast + channels-last", bf16=True, channels_last=True),
     TrainCase("bf16 + CL + cudnn.benchmark", bf16=True, channels_last=True,
               cudnn_benchmark=True, cuda_only=True),
+    TrainCase("CUDA graph + CL (default)", channels_last=True, graph=True, cuda_only=True),
+    TrainCase("CUDA graph + bf16 + CL", bf16=True, channels_last=True, graph=True,
+              cuda_only=True),
     TrainCase("compile + bf16 + CL", bf16=True, channels_last=True, compile=True),
     TrainCase("compile fp32", compile=True),
     TrainCase("compile reduce-overhead (CUDA graphs) + bf16 + CL", bf16=True,
@@ -436,7 +441,8 @@ class TrainStep:
                            for node in net.nodes.values()})
 
         def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            with device.autocast(case.bf16):
+            # autocast's cast cache would outlive a CUDA graph capture
+            with device.autocast(case.bf16, cache=not case.graph):
                 out = net(images)  # soft forward (training mode)
             with device.autocast(False):  # losses in fp32 whatever the forward ran in
                 seg = segmentation_loss(out.logits.float(), labels)
@@ -463,6 +469,14 @@ class TrainStep:
         self.compiled = case.compile
         self.index = 0
         self.gradient: torch.Tensor | None = None
+        self.graphed = None
+        if case.graph:  # the training's own graph code, loaded like the recipe
+            graphs = load_file("_gpu_bench_cuda_graph", ROOT / "platform" / "cuda_graph.py")
+            self.lrs = [torch.zeros((), device=device.torch) for _ in self.optimizer.param_groups]
+            self.update = lambda: graphs.sgd_update(self.optimizer, self.lrs)
+            self.graphed = graphs.GraphedStep(self._body, device.torch)
+        else:
+            self.update = self.optimizer.step
 
     def saved_mib(self) -> float | None:
         """MiB of activations one forward keeps for the backward pass (distinct storages,
@@ -477,7 +491,10 @@ class TrainStep:
             storage = t.untyped_storage()
             if storage.data_ptr() not in weights:
                 kept[storage.data_ptr()] = storage.nbytes()
-            return t
+            # Not `t` itself: a tensor an operator saves of its own output, handed back with
+            # its grad_fn, makes a reference cycle through C++ that no collector frees (it kept
+            # every case's activations alive on the GPU: +22 GiB per training case on an H200).
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             self.loss_fn(self.images, self.labels)
@@ -487,17 +504,26 @@ class TrainStep:
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         self.recipe.set_lr(self.optimizer, self.index, self.config)
+        if self.graphed is not None:
+            for lr, group in zip(self.lrs, self.optimizer.param_groups, strict=True):
+                lr.fill_(group["lr"])
+            loss = self.graphed()
+        else:
+            loss = self._body()
+        self.index += 1
+        return loss.clone()  # a CUDA-graph output is overwritten by the next replay
+
+    def _body(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.images, self.labels)
         loss.backward()
-        if self.index == 0:  # one host copy, on the (untimed) first step only
+        if self.index == 0:  # one host copy, on the (untimed, never captured) first step only
             self.gradient = torch.cat([
                 (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
                 for p in self.params]).cpu()
         self.recipe.clip_gradients(self.params, GRAD_CLIP)  # as training: no host wait
-        self.optimizer.step()
-        self.index += 1
-        return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay
+        self.update()
+        return loss.detach()
 
 
 @dataclass
@@ -531,16 +557,22 @@ def run_train_case(case: TrainCase, setup: TrainSetup, clock: Clock, cases_left:
         device.sync()
         row.first_s = time.perf_counter() - start
         losses += [step() for _ in range(CHECK_STEPS - 1)]  # also the warm-up
+        if step.graphed is not None and not step.graphed.captured:
+            why = step.graphed.fallback or "too few steps"
+            raise RuntimeError(f"no CUDA graph was captured ({why}); the case ran eagerly")
         ours = TrainReference(torch.stack(losses).float().cpu(), step.gradient)
         one = median_time(step, device, 1)
         row.repeats = clock.repeats(sizes.train_repeats, one, cases_left)
-        device.reset_peak()
+        if not case.graph:  # a graph allocated its memory at capture: keep that in its peak
+            device.reset_peak()
         per_step = median_time(step, device, row.repeats)
         row.ms = per_step * 1e3
         row.images_per_s = sizes.train_batch / per_step
         row.peak_mib = device.peak_mib()
         row.extra["saved_mib"] = step.saved_mib()
-        row.extra["ops"] = None if case.compile else count_ops(step)
+        # A replayed graph dispatches no operator: count what its eager body runs instead.
+        row.extra["ops"] = None if case.compile else count_ops(step._body if case.graph
+                                                               else step)
         ref = ours if baseline is None else baseline
         tol = tolerance(case.bf16, device)
         row.check = compare(ours.losses, ref.losses, tol=tol)
@@ -619,6 +651,7 @@ class InferCase:
     hard: bool = True
     fold_bn: bool = False  # every BN folded into its conv (models/fusion.py)
     cudnn_benchmark: bool = False
+    graph: bool = False  # the (static) forward captured once per batch shape as a CUDA graph
     cuda_only: bool = False
     optional: bool = False
 
@@ -642,6 +675,10 @@ INFER_CASES = (
     InferCase("compile blocks + bf16 w + CL", bf16_weights=True, channels_last=True,
               compile="blocks"),
     InferCase("static soft forward fp32", hard=False),
+    # What removing every launch gap gives: the soft forward is static (every path computed),
+    # so it replays as one graph; the per-sample routing forward waits for routes on the host.
+    InferCase("static soft, CUDA graph, folded BN + bf16 w + CL", bf16_weights=True,
+              channels_last=True, fold_bn=True, hard=False, graph=True, cuda_only=True),
     InferCase("static soft, compile + bf16 w + CL", bf16_weights=True, channels_last=True,
               compile="whole", hard=False),
     InferCase("static soft, compile reduce-overhead (CUDA graphs) + bf16 w + CL",
@@ -682,6 +719,9 @@ class InferRunner:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.device_type = next(self.net.parameters()).device.type
         self.forward: Callable = self.net
+        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
+        if case.graph and (case.hard or case.compile or case.autocast_bf16):
+            raise ValueError("a CUDA graph case runs the static soft forward, eagerly built")
         if case.compile == "blocks":
             compile_blocks(self.net, backend=backend, mode=case.mode)
         elif case.compile == "whole":
@@ -692,6 +732,8 @@ class InferRunner:
         x = images.to(torch.bfloat16) if self.case.bf16_weights else images
         if self.case.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.case.graph:
+            return self._replay(x)
         with torch.inference_mode(), torch.autocast(
                 device_type=self.device_type, dtype=torch.bfloat16,
                 enabled=self.case.autocast_bf16):
@@ -699,6 +741,28 @@ class InferRunner:
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self(images).logits.float().clone()  # clone: CUDA-graph outputs get overwritten
+
+    def _replay(self, x: torch.Tensor):
+        """The forward of `x` replayed from the graph captured for its shape (captured on the
+        first call with that shape, after two warm-up calls on a side stream)."""
+        key = tuple(x.shape)
+        if key not in self.graphs:
+            static = x.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(2):
+                    self.forward(static, skip=False)
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph):
+                out = self.forward(static, skip=False)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        static.copy_(x)
+        graph.replay()
+        return out
 
 
 def count_graphs(net: nn.Module, images: torch.Tensor, *, hard: bool) -> tuple[int, Counter]:

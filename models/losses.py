@@ -87,6 +87,14 @@ class BudgetLoss:
 
     def __call__(self, expected: torch.Tensor, progress: float) -> torch.Tensor:
         """expected: (B,) per-sample expected cost; progress: step / max_step."""
-        weight = self.lambda2 * self.schedule(progress)
+        return self.weight(progress) * self.penalty(expected)
+
+    def weight(self, progress: float) -> float:
+        """λ2 · w(t)."""
+        return self.lambda2 * self.schedule(progress)
+
+    def penalty(self, expected: torch.Tensor) -> torch.Tensor:
+        """(mean_b E_b / C_all − μ)², a 0-d tensor: the loss without its weight (a step replayed
+        as a CUDA graph multiplies it by a weight tensor, since w(t) changes every step)."""
         ratio = expected.mean() / self.c_all
-        return weight * (ratio - self.mu) ** 2
+        return (ratio - self.mu) ** 2

@@ -15,11 +15,20 @@ only. bf16 remains a separate opt-in (`run.bf16`). Everything here changes the m
 the same fp32 arithmetic: tests on CPU prove the fast and plain paths compute the same thing.
 
 Inference also folds every BN into the conv before it (`models/fusion.py`): the same function up to
-fp32 rounding, one kernel and one pass over the activations fewer per BN. On a CPU (one thread,
-L=4, C₀=8, 128×256, 40 interleaved rounds; benchmarks/results/gpu_bench-cpu-2026-11-27.log) folded
-BN + channels-last took 8.30 ms at batch 1 against 9.79 ms for channels-last alone (1.18×) and
-10.77 ms for the baseline (1.30×), and gave 342 against 311 and 269 images/s at batch 8. Its GPU
-figure is not measured yet.
+fp32 rounding, one kernel and one pass over the activations fewer per BN.
+
+Training on one CUDA device also replays the whole step as a CUDA graph (train_step.py,
+cuda_graph.py): profiled, the eager step kept the GPU busy 44% of its wall time, the host being
+the bottleneck with ~5,400 launches a step.
+
+Measured again on one NVIDIA H200 (torch 2.11, benchmarks/results/gpu_bench-h200-2026-11-27.log),
+each against the eager fp32 baseline of the same run:
+
+    training, batch 8 of 768×768     CUDA graph + channels-last   72.7 images/s, 2.30× (eager
+                                     channels-last 33.5, 1.06×; baseline 31.6); losses of the first
+                                     steps within 1.4e-5 of the baseline, as eager channels-last
+    inference, batch 1, 1024×2048    folded BN + channels-last    33.1 ms, 1.08× (channels-last
+                                     alone 39.9 ms, 0.90×); batch 8: 65.2 images/s, 1.26×
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ class FastPath:
     channels_last: bool = False
     bf16: bool = False  # autocast; weights and optimizer stay fp32
     fold_batchnorm: bool = False  # inference only: BN folded into the conv before it
+    cuda_graph: bool = False  # training only: the step replayed as a CUDA graph (train_step.py)
 
     def network(self, network: nn.Module) -> nn.Module:
         """The network in this layout (in place, like `Module.to`)."""
@@ -63,14 +73,17 @@ class FastPath:
             return images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def autocast(self, device: torch.device) -> torch.autocast:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.bf16)
+    def autocast(self, device: torch.device, *, cache: bool = True) -> torch.autocast:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.bf16,
+                              cache_enabled=cache)
 
 
 def for_training(device: torch.device, *, fast: bool = True, channels_last: bool = False,
                  bf16: bool = False) -> FastPath:
-    """Training: channels-last on CUDA unless `fast` is off; explicit settings always apply."""
-    return FastPath(channels_last=channels_last or (fast and device.type == "cuda"), bf16=bf16)
+    """Training: channels-last and the step replayed as a CUDA graph on CUDA unless `fast` is
+    off; explicit settings always apply."""
+    cuda = fast and device.type == "cuda"
+    return FastPath(channels_last=channels_last or cuda, bf16=bf16, cuda_graph=cuda)
 
 
 def for_inference(device: torch.device, *, fast: bool = True) -> FastPath:

@@ -31,7 +31,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from dynroute.models import BudgetLoss, BudgetSchedule, NetworkConfig, build_network
-from dynroute.models.losses import segmentation_loss
 from dynroute.platform import fast_path, ray_train
 from dynroute.platform import metrics as M
 from dynroute.platform.dataset import ShardDataset
@@ -39,12 +38,12 @@ from dynroute.platform.recipe import (
     TrainConfig,
     build_optimizer,
     check_finite,
-    clip_gradients,
     network_for_budget,
     set_lr,
     steps_per_epoch,
 )
 from dynroute.platform.shards import read_manifest
+from dynroute.platform.train_step import TrainStep, graph_blocker
 
 log = logging.getLogger("dynroute.train")
 STATE_FILE = "state.pt"
@@ -243,6 +242,14 @@ def train_loop(config: dict) -> None:
     # back only every log_every steps and at checkpoints: no step waits for the device, so the
     # host queues the next step's kernels while the GPU still runs this one.
     sums = torch.zeros(4, dtype=torch.float64, device=me.device)
+    blocker = graph_blocker(layout, me.device, distributed=me.world_size > 1,
+                            drop_path_prob=net_config.drop_path_prob, optimizer=optimizer)
+    if layout.cuda_graph and me.is_chief:
+        print(f"[rank 0] training step: {'eager, ' + blocker if blocker else 'CUDA graph'}",
+              flush=True)
+    train_step = TrainStep(model, network, cost, budget, optimizer, recipe, layout, me.device,
+                           graphed=blocker is None)
+    fallback_told = False
     count = 0
     started, last_metrics = time.monotonic(), {}
     end = recipe.iterations if spec.stop_at is None else min(spec.stop_at, recipe.iterations)
@@ -259,8 +266,11 @@ def train_loop(config: dict) -> None:
             lr = set_lr(optimizer, step, recipe)
             torch.manual_seed(step_seed(recipe.seed, me.rank, step))
             progress = step / recipe.iterations
-            sums += _step(model, batch, me.device, network, cost, budget, optimizer, recipe,
-                          layout, progress)
+            sums += train_step(batch, progress)
+            if train_step.fallback is not None and not fallback_told:
+                fallback_told = True
+                print(f"[rank {me.rank}] warning: the CUDA graph capture of the training step "
+                      f"failed ({train_step.fallback}); training goes on eagerly", flush=True)
             step += 1
             count += 1
             logs = step % spec.log_every == 0 or step == recipe.iterations
@@ -287,23 +297,6 @@ def train_loop(config: dict) -> None:
             _finish_tracking(tracker, network, recipe)
         else:  # paused (stop_at): the run goes on when training resumes
             tracker.flush()
-
-
-def _step(model, batch, device, network, cost, budget, optimizer, recipe, layout, progress):
-    images = layout.images(batch["image"].to(device, non_blocking=True))
-    labels = batch["label"].to(device, non_blocking=True)
-    with layout.autocast(device):
-        out = model(images, progress=progress)
-        seg = segmentation_loss(out.logits.float(), labels)
-        expected = cost.expected({k: v.float() for k, v in out.gates.items()})
-        budget_value = budget(expected, progress)
-    loss = seg + budget_value
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = clip_gradients(network.parameters(), recipe.grad_clip)
-    optimizer.step()
-    return torch.stack([seg.detach(), torch.as_tensor(budget_value).detach(),
-                        expected.detach().mean(), norm]).to(torch.float64)  # (4,), on the device
 
 
 _CHECKED = (M.LOSS_SEGMENTATION, M.LOSS_BUDGET, "grad_norm")

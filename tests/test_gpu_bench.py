@@ -21,7 +21,11 @@ from dynroute.models.gate import pin_gate
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_bench.py"
 # What the script reads from the repository: the model package and the two scripts it reuses.
-NEEDED = ("benchmarks/gpu_bench.py", "benchmarks/dynamic_inference.py", "platform/recipe.py")
+NEEDED = ("benchmarks/gpu_bench.py", "benchmarks/dynamic_inference.py", "platform/recipe.py",
+          "platform/cuda_graph.py")
+# And what the profile and the graph-step check read besides.
+NEEDED_BESIDE = ("benchmarks/gpu_profile.py", "benchmarks/graph_step_check.py",
+                 "platform/train_step.py", "platform/fast_path.py")
 
 
 def _load_script():
@@ -60,10 +64,10 @@ def _torch_only_site(dest: Path) -> Path:
     return dest
 
 
-def _checkout_copy(dest: Path) -> Path:
+def _checkout_copy(dest: Path, needed: tuple[str, ...] = NEEDED) -> Path:
     shutil.copytree(ROOT / "models", dest / "models",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    for rel in NEEDED:
+    for rel in needed:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dest / rel)
     return dest
@@ -125,6 +129,61 @@ def test_smoke_run_needs_only_torch_and_uses_the_models_folder_next_to_it(tmp_pa
     assert all(r["extra"]["host_waits"] is None for r in timed), "counted on CUDA only"
     for scenario in scenarios:
         assert f"/ {scenario}" in res.stdout
+
+
+@pytest.mark.slow
+def test_profile_and_graph_step_check_need_only_torch(tmp_path):
+    """The two other GPU scripts run from a checkout where only PyTorch is installed: the
+    profile attributes time to operators and convolution kinds, and the check compares the
+    training loop's graphed step (its body, on a CPU) with the eager one."""
+    work = _checkout_copy(tmp_path / "checkout", NEEDED + NEEDED_BESIDE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env |= {"PYTHONPATH": str(_torch_only_site(tmp_path / "site")), "PYTHONNOUSERSITE": "1"}
+    python = [sys.executable, "-S"]
+    out = tmp_path / "profile.json"
+    res = subprocess.run([*python, "benchmarks/gpu_profile.py", "--smoke", "--device", "cpu",
+                          "--json", str(out)],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"infer", "graph", "train"}
+    base = results["infer"]["eager fp32 (baseline)"]
+    assert base["wall_ms"] > 0 and base["device_ms_per_call"] > 0
+    assert {row[0] for row in base["convs"]} == {"depthwise 3x3 fwd", "1x1 fwd", "dense 3x3 fwd"}
+    assert any(name == "aten::native_batch_norm" for name, *_ in base["ops"])
+    folded = results["infer"]["folded BN + CL (default)"]
+    assert not any("batch_norm" in name for name, *_ in folded["ops"]), "folding removes BN"
+    train = results["train"]["channels-last"]
+    assert {"depthwise 3x3 bwd", "1x1 bwd"} <= {row[0] for row in train["convs"]}
+
+    res = subprocess.run([*python, "benchmarks/graph_step_check.py", "--device", "cpu",
+                          "--steps", "4", "--size", "64"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "OK: worst" in res.stdout and "budget term on in some steps: True" in res.stdout
+
+
+def test_saved_activation_count_frees_what_it_measured():
+    """Counting the kept activations must not keep them: it once held every case's
+    activations through a reference cycle (+22 GiB per training case on a GPU)."""
+    import gc
+
+    bench = _load_script()
+    bench.load_models()
+    device = bench.Device(torch.device("cpu"))
+    sizes = bench.sizes_for(device, smoke=True)
+    setup = bench.make_train_setup(sizes, device)
+    net = build_network(bench._network_config(sizes, small_gate=False)).train()
+    step = bench.TrainStep(net, bench.TRAIN_CASES[0], setup)
+
+    def live() -> int:
+        gc.collect()
+        return sum(type(o) is torch.Tensor for o in gc.get_objects())
+
+    assert step.saved_mib() > 0
+    before = live()
+    step.saved_mib()
+    assert live() == before
 
 
 def _open_tiny_network():
