@@ -652,6 +652,9 @@ class InferCase:
     fold_bn: bool = False  # every BN folded into its conv (models/fusion.py)
     cudnn_benchmark: bool = False
     graph: bool = False  # the (static) forward captured once per batch shape as a CUDA graph
+    # Batch 1: the routing forward's pieces replayed as CUDA graphs (models/graphed_routing.py);
+    # larger batches run the eager routing forward.
+    row_graphs: bool = False
     cuda_only: bool = False
     optional: bool = False
 
@@ -672,6 +675,11 @@ INFER_CASES = (
     InferCase("folded BN + CL (default)", channels_last=True, fold_bn=True),
     InferCase("folded BN + bf16 w + CL + cudnn.bm", bf16_weights=True, channels_last=True,
               fold_bn=True, cudnn_benchmark=True, cuda_only=True),
+    # (On a CPU nothing is captured: the pieces run eagerly, which checks their numerics.)
+    InferCase("row graphs (b1) + folded BN + CL", channels_last=True, fold_bn=True,
+              row_graphs=True),
+    InferCase("row graphs (b1) + folded BN + bf16 w + CL", bf16_weights=True, channels_last=True,
+              fold_bn=True, row_graphs=True),
     InferCase("compile blocks + bf16 w + CL", bf16_weights=True, channels_last=True,
               compile="blocks"),
     InferCase("static soft forward fp32", hard=False),
@@ -722,6 +730,13 @@ class InferRunner:
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
         if case.graph and (case.hard or case.compile or case.autocast_bf16):
             raise ValueError("a CUDA graph case runs the static soft forward, eagerly built")
+        self.row_graphs = None
+        if case.row_graphs:
+            from dynroute.models.graphed_routing import GraphedRouting
+
+            if not case.hard or case.compile or case.autocast_bf16:
+                raise ValueError("row graphs run the routing forward, eagerly built")
+            self.row_graphs = GraphedRouting(self.net)
         if case.compile == "blocks":
             compile_blocks(self.net, backend=backend, mode=case.mode)
         elif case.compile == "whole":
@@ -734,6 +749,8 @@ class InferRunner:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.case.graph:
             return self._replay(x)
+        if self.row_graphs is not None and x.shape[0] == 1:
+            return self.row_graphs(x)
         with torch.inference_mode(), torch.autocast(
                 device_type=self.device_type, dtype=torch.bfloat16,
                 enabled=self.case.autocast_bf16):
