@@ -19,11 +19,17 @@ Sizes (the issue's setting on CUDA, small enough for two CPU cores otherwise):
     --smoke  L=4, C0=4, batch 2, 64x64 / 64x128, one repeat, torch.compile with backend "eager"
              (Dynamo capture only: inductor's C++/Triton codegen takes minutes, too long for CI)
 
+CUDA graphs: the training cases "CUDA graph ..." replay the whole step (platform/cuda_graph.py,
+as `dynroute train` does on one GPU); "static soft, CUDA graph ..." replays the all-open forward;
+"row graphs (b1) ..." replay the per-sample routing forward piece by piece between its per-row
+waits (models/graphed_routing.py; on a CPU the pieces run eagerly).
+
 Needs nothing but PyTorch (and numpy): the model code is loaded from ../models, the optimizer
-recipe from ../platform/recipe.py and the scenarios from ./dynamic_inference.py, without
-installing dynroute. `--time-budget` (default 420 s) shrinks repeats and skips compile cases that
-would not fit, to keep the whole run under 8 minutes on one H100 (measured there: 188 s with
---time-budget 290; compiling the L=16 training step took over 400 s, so the training compile cases
+recipe and the graph code from ../platform/{recipe,cuda_graph}.py and the scenarios from
+./dynamic_inference.py, without installing dynroute. `--time-budget` (default 420 s) shrinks
+repeats and skips compile cases that would not fit, to keep the whole run under 8 minutes on one
+GPU (measured: 188 s with --time-budget 290 on an H100, 141 s with --time-budget 250
+--no-compile on an H200; compiling the whole L=16 training step took over 400 s, so those cases
 need --time-budget of about 1500). CPU runs use one thread unless --threads says otherwise.
 
     python benchmarks/gpu_bench.py                               # auto device
