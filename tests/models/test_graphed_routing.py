@@ -74,3 +74,20 @@ def test_rejects_batches_training_mode_and_capture_on_cpu():
         GraphedRouting(net, capture=True)
     with pytest.raises(ValueError, match="eval mode"):
         GraphedRouting(net.train())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_pieces_equal_the_hard_forward_on_cuda():
+    net = _network().cuda()
+    graphed = GraphedRouting(net)
+    rng = random.Random(3)
+    image = torch.randn(1, 3, 64, 96, device="cuda") * 50.0
+    for _ in range(8):  # new routes capture new pieces; repeated ones replay
+        _pin_random(net, rng, 0.6)
+        for _ in range(2):
+            with torch.inference_mode():
+                want = net(image, skip=True)
+            got = graphed(image)
+            torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    assert graphed.captured > 0

@@ -162,3 +162,23 @@ def test_graph_blocker():
                                    optimizer=adam)
     assert "fast path is off" in graph_blocker(FastPath(), CUDA, distributed=False,
                                                drop_path_prob=0.0, optimizer=optimizer)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphed_step_on_cuda_trains_as_the_eager_step():
+    """The capture and its replays (benchmarks/graph_step_check.py measures larger sizes)."""
+    runs = {}
+    for graphed in (False, True):
+        network, cost, budget, optimizer, recipe = _setup()
+        network = network.cuda()
+        optimizer = build_optimizer(network, recipe)
+        step = TrainStep(network, network, cost, budget, optimizer, recipe, FastPath(),
+                         CUDA, graphed=graphed)
+        figures = []
+        for i, batch in enumerate(_batches(recipe.iterations)):
+            set_lr(optimizer, i, recipe)
+            figures.append(step(batch, i / recipe.iterations).clone())
+        runs[graphed] = (torch.stack(figures).cpu(), step)
+    assert runs[True][1].graph.captured
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-2, atol=1e-5)
