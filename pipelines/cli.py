@@ -13,6 +13,8 @@ from dynroute.models.cell import CELL_OPS
 from dynroute.models.gate import GATE_KINDS
 from dynroute.models.static_routes import STATIC_ROUTES
 from dynroute.models.summary import summarize
+from dynroute.pipelines import cli_registry
+from dynroute.pipelines.cli_common import InferenceFast, fail, load_params, with_inference_fast
 from dynroute.platform.files import write_json_atomic
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -21,12 +23,6 @@ model_app = typer.Typer(no_args_is_help=True, help="The network: routes, sizes a
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthesize, prepare into shards.")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
-
-
-def fail(message: str) -> typer.Exit:
-    """Print `message` as an error and give the exit to raise (status 1)."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -179,39 +175,6 @@ def data_prepare(
                f"{manifest.content_hash[:16]}")
 
 
-def _load_params(path: Path):
-    """params.yaml with the endpoints the environment overrides (platform/settings.py):
-    MLFLOW_TRACKING_URI over tracking.uri, DYNROUTE_OPTUNA_STORAGE over tune.storage, `${VAR}`
-    resolved; the one S3 endpoint is exported in the forms Arrow, MLflow and DVC read."""
-    import os
-    from dataclasses import replace
-
-    from dynroute.pipelines.params import ParamsError, load_params
-    from dynroute.platform.settings import Settings, SettingsError
-
-    try:
-        params = load_params(path)
-        settings = Settings.render(params)
-    except (ParamsError, SettingsError) as err:
-        raise fail(str(err)) from None
-    os.environ.update(settings.s3_env())
-    return replace(params, tracking=replace(params.tracking, uri=settings.tracking_uri),
-                   tune=replace(params.tune, storage=settings.optuna_storage))
-
-
-# --fast/--no-fast of the commands that run inference (evaluate, predict)
-InferenceFast = Annotated[bool | None, typer.Option(
-    "--fast/--no-fast", help="Override evaluate.fast: channels-last inference or the plain "
-                             "layout (same results).")]
-
-
-def _with_inference_fast(params, fast: bool | None):
-    from dataclasses import replace
-
-    return params if fast is None else replace(params, evaluate=replace(params.evaluate,
-                                                                        fast=fast))
-
-
 @app.command("train")
 def train_command(
     data: Annotated[Path, typer.Option(help="Prepared dataset (path or s3:// URI).")],
@@ -232,7 +195,7 @@ def train_command(
     from dynroute.pipelines.run import tracking_uri, train_spec
     from dynroute.platform.training import train
 
-    p = _load_params(params)
+    p = load_params(params)
     try:
         p = replace(p, run=replace(p.run, **{k: v for k, v in
                                              {"storage": storage, "name": name,
@@ -267,7 +230,7 @@ def evaluate_command(
 
     from dynroute.pipelines.run import run_evaluation, tracking_uri
 
-    p = _with_inference_fast(_load_params(params), fast)
+    p = with_inference_fast(load_params(params), fast)
     try:
         with tracking_uri(p) as uri:
             result = run_evaluation(p, checkpoint=checkpoint, data=str(data), out=out,
@@ -295,7 +258,7 @@ def pareto_command(
     from dynroute.pipelines.pareto_stage import TrialsError, format_table, run_pareto
     from dynroute.pipelines.run import tracking_uri
 
-    p = _load_params(params)
+    p = load_params(params)
     trials = trials or Path(p.tune.results) / "trials.json"
     try:
         with tracking_uri(p) as uri:
@@ -315,7 +278,7 @@ def report_command(
     """What the main job produced: evaluation, Pareto front, registered versions, the UI."""
     from dynroute.pipelines.report import report
 
-    typer.echo(report(_load_params(params), metrics=metrics))
+    typer.echo(report(load_params(params), metrics=metrics))
 
 
 @app.command("settings")
@@ -343,7 +306,7 @@ def ui_command(
 
     from dynroute.platform.mlflow_server import MlflowServer, MlflowServerError
 
-    p = _load_params(params)
+    p = load_params(params)
     if p.tracking.uri != "local":
         raise fail(f"tracking.uri is {p.tracking.uri!r}: open that server's UI instead")
     try:
@@ -357,126 +320,10 @@ def ui_command(
         pass
 
 
-# === registry: dynroute register / select / predict (the Pareto-aware model registry) ========
-# Handlers in dynroute.pipelines.registry_stage; library in dynroute.platform.front, .registry
-# and .selection.
-
-
-def _registry_errors() -> tuple[type[Exception], ...]:
-    from dynroute.platform.registry import SERVICE_ERRORS
-
-    return (ValueError, FileNotFoundError, *SERVICE_ERRORS)
-
-
-def _registry_figure(value: float, spec: str = ".4g") -> str:
-    return "-" if value != value else format(value, spec)  # NaN: a tag that was never written
-
-
-@app.command("register")
-def register_command(
-    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
-    pareto: Annotated[Path, typer.Option(help="The pareto stage's front (pareto.json).")]
-    = Path("metrics/pareto.json"),
-    out: Annotated[Path, typer.Option(help="Write the registry summary here (JSON).")]
-    = Path("metrics/registry.json"),
-) -> None:
-    """Register the Pareto front as versions of one model per dataset, with tags and aliases.
-
-    Idempotent: models already registered are found again; versions that left the front lose
-    the registry's aliases and are tagged pareto=false (nothing is deleted).
-    """
-    from dynroute.pipelines.registry_stage import run_register
-    from dynroute.pipelines.run import tracking_uri
-
-    p = _load_params(params)
-    try:
-        with tracking_uri(p) as uri:
-            state = run_register(p, pareto=pareto, uri=uri, out=out)
-    except _registry_errors() as err:
-        raise fail(str(err)) from None
-    front = [v for v in state.versions if v.pareto]
-    typer.echo(f"registered model {state.name}: {len(front)} versions on the front "
-               f"({len(state.created)} new, {len(state.returned)} back on it), "
-               f"{len(state.left_front)} left it; budget edges "
-               f"{', '.join(f'{e:g}' for e in state.budget_edges) or 'none'}"
-               f"{' (automatic)' if state.automatic_edges else ''}\n")
-    typer.echo(f"{'version':>7}  {'trial':<26}{'mIoU':>8}{'GFLOPs':>10}  {'pareto':<7}aliases")
-    for v in state.versions:
-        miou, gflops = _registry_figure(v.miou, ".4f"), _registry_figure(v.gflops_mean)
-        typer.echo(f"{v.version:>7}  {(v.trial or '-')[:25]:<26}{miou:>8}{gflops:>10}  "
-                   f"{str(v.pareto).lower():<7}{', '.join(v.aliases) or '-'}")
-    for warning in state.warnings:
-        typer.echo(f"warning: {warning}", err=True)
-    typer.echo(f"\nsummary: {out}")
-
-
-@app.command("select")
-def select_command(
-    max_gflops: Annotated[float, typer.Option(help="Budget: mean GFLOPs at most this.")],
-    min_miou: Annotated[float | None, typer.Option(help="Also require mIoU at least this.")]
-    = None,
-    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
-    dataset: Annotated[str | None, typer.Option(
-        help="Which dataset's registered model (default: data.dataset).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """The most accurate registered front model within a GFLOPs budget (exit 1 if none fits)."""
-    from dynroute.pipelines.registry_stage import run_select
-    from dynroute.pipelines.run import tracking_uri
-
-    p = _load_params(params)
-    try:
-        with tracking_uri(p) as uri:
-            chosen = run_select(p, uri=uri, max_gflops=max_gflops, min_miou=min_miou,
-                                dataset=dataset)
-    except _registry_errors() as err:
-        raise fail(str(err)) from None
-    if chosen is None:
-        bound = f" and mIoU >= {min_miou:g}" if min_miou is not None else ""
-        raise fail(f"no model on the registered front has mean GFLOPs <= {max_gflops:g}{bound}; "
-                   f"raise the budget or see the front with `dynroute register`")
-    if as_json:
-        typer.echo(json.dumps(chosen.to_dict(), indent=2))
-        return
-    mean, low, high = (_registry_figure(g) for g in
-                       (chosen.gflops_mean, chosen.gflops_min, chosen.gflops_max))
-    typer.echo(f"{chosen.name} version {chosen.version}: {chosen.uri}\n"
-               f"mIoU {_registry_figure(chosen.miou, '.4f')}, GFLOPs mean {mean} (min {low}, "
-               f"max {high}) at {chosen.cost_resolution or '?'}; trial {chosen.trial or '-'}; "
-               f"aliases "
-               f"{', '.join(chosen.aliases) or '-'}")
-
-
-@app.command("predict")
-def predict_command(
-    model: Annotated[str, typer.Option(
-        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/… or a checkpoint folder.")],
-    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG images.")],
-    out: Annotated[Path, typer.Option(help="Folder for masks, route drawings and JSON.")]
-    = Path("predictions"),
-    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
-    dataset: Annotated[str | None, typer.Option(
-        help="cityscapes or voc (colours); default from the model's class count.")] = None,
-    fast: InferenceFast = None,
-) -> None:
-    """Segment images with a registered model: colour mask + the route each image took."""
-
-    from dynroute.pipelines.registry_stage import run_predict
-    from dynroute.pipelines.run import tracking_uri
-
-    p = _with_inference_fast(_load_params(params), fast)
-    try:
-        with tracking_uri(p) as uri:
-            result = run_predict(p, model=model, images=images, out=out, uri=uri,
-                                 dataset=dataset)
-    except _registry_errors() as err:
-        raise fail(str(err)) from None
-    for row in result.images:
-        skipped = f", {len(row.skipped_cells)} cells skipped" if row.skipped_cells else ""
-        typer.echo(f"{row.image}: {row.height}x{row.width}, {row.gflops:.4g} GFLOPs, "
-                   f"{len(row.open_paths)} open paths{skipped} → {out / row.mask}, "
-                   f"{out / row.route}")
-    typer.echo(f"summary: {out / 'predictions.json'}")
+# === registry: dynroute register / select / predict (pipelines/cli_registry.py) =============
+app.command("register")(cli_registry.register_command)
+app.command("select")(cli_registry.select_command)
+app.command("predict")(cli_registry.predict_command)
 # === end of the registry block ===============================================================
 
 
@@ -503,7 +350,7 @@ def tune_command(
     from dynroute.pipelines.run import tracking_uri
     from dynroute.pipelines.tune_stage import run_tune
 
-    p = _load_params(params)
+    p = load_params(params)
     if num_samples is not None:
         p = replace(p, tune=replace(p.tune, num_samples=num_samples))
     try:

@@ -1,0 +1,49 @@
+"""What every `dynroute` command handler shares: the error exit, the params file with the
+environment's overrides, and the --fast/--no-fast switch of the inference commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def fail(message: str) -> typer.Exit:
+    """Print `message` as an error and give the exit to raise (status 1)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def load_params(path: Path):
+    """params.yaml with the endpoints the environment overrides (platform/settings.py):
+    MLFLOW_TRACKING_URI over tracking.uri, DYNROUTE_OPTUNA_STORAGE over tune.storage, `${VAR}`
+    resolved; the one S3 endpoint is exported in the forms Arrow, MLflow and DVC read."""
+    import os
+    from dataclasses import replace
+
+    from dynroute.pipelines.params import ParamsError
+    from dynroute.pipelines.params import load_params as read_params
+    from dynroute.platform.settings import Settings, SettingsError
+
+    try:
+        params = read_params(path)
+        settings = Settings.render(params)
+    except (ParamsError, SettingsError) as err:
+        raise fail(str(err)) from None
+    os.environ.update(settings.s3_env())
+    return replace(params, tracking=replace(params.tracking, uri=settings.tracking_uri),
+                   tune=replace(params.tune, storage=settings.optuna_storage))
+
+
+# --fast/--no-fast of the commands that run inference (evaluate, predict)
+InferenceFast = Annotated[bool | None, typer.Option(
+    "--fast/--no-fast", help="Override evaluate.fast: channels-last inference or the plain "
+                             "layout (same results).")]
+
+
+def with_inference_fast(params, fast: bool | None):
+    from dataclasses import replace
+
+    return params if fast is None else replace(params, evaluate=replace(params.evaluate,
+                                                                        fast=fast))

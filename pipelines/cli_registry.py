@@ -1,0 +1,127 @@
+"""The registry commands: `dynroute register`, `select` and `predict` (the Pareto-aware model
+registry). Handlers call dynroute.pipelines.registry_stage; the library is in
+dynroute.platform.front, .registry and .selection. cli.py adds them to the `dynroute` app."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dynroute.pipelines.cli_common import InferenceFast, fail, load_params, with_inference_fast
+
+
+def _registry_errors() -> tuple[type[Exception], ...]:
+    from dynroute.platform.registry import SERVICE_ERRORS
+
+    return (ValueError, FileNotFoundError, *SERVICE_ERRORS)
+
+
+def _registry_figure(value: float, spec: str = ".4g") -> str:
+    return "-" if value != value else format(value, spec)  # NaN: a tag that was never written
+
+
+def register_command(
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    pareto: Annotated[Path, typer.Option(help="The pareto stage's front (pareto.json).")]
+    = Path("metrics/pareto.json"),
+    out: Annotated[Path, typer.Option(help="Write the registry summary here (JSON).")]
+    = Path("metrics/registry.json"),
+) -> None:
+    """Register the Pareto front as versions of one model per dataset, with tags and aliases.
+
+    Idempotent: models already registered are found again; versions that left the front lose
+    the registry's aliases and are tagged pareto=false (nothing is deleted).
+    """
+    from dynroute.pipelines.registry_stage import run_register
+    from dynroute.pipelines.run import tracking_uri
+
+    p = load_params(params)
+    try:
+        with tracking_uri(p) as uri:
+            state = run_register(p, pareto=pareto, uri=uri, out=out)
+    except _registry_errors() as err:
+        raise fail(str(err)) from None
+    front = [v for v in state.versions if v.pareto]
+    typer.echo(f"registered model {state.name}: {len(front)} versions on the front "
+               f"({len(state.created)} new, {len(state.returned)} back on it), "
+               f"{len(state.left_front)} left it; budget edges "
+               f"{', '.join(f'{e:g}' for e in state.budget_edges) or 'none'}"
+               f"{' (automatic)' if state.automatic_edges else ''}\n")
+    typer.echo(f"{'version':>7}  {'trial':<26}{'mIoU':>8}{'GFLOPs':>10}  {'pareto':<7}aliases")
+    for v in state.versions:
+        miou, gflops = _registry_figure(v.miou, ".4f"), _registry_figure(v.gflops_mean)
+        typer.echo(f"{v.version:>7}  {(v.trial or '-')[:25]:<26}{miou:>8}{gflops:>10}  "
+                   f"{str(v.pareto).lower():<7}{', '.join(v.aliases) or '-'}")
+    for warning in state.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"\nsummary: {out}")
+
+
+def select_command(
+    max_gflops: Annotated[float, typer.Option(help="Budget: mean GFLOPs at most this.")],
+    min_miou: Annotated[float | None, typer.Option(help="Also require mIoU at least this.")]
+    = None,
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    dataset: Annotated[str | None, typer.Option(
+        help="Which dataset's registered model (default: data.dataset).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The most accurate registered front model within a GFLOPs budget (exit 1 if none fits)."""
+    from dynroute.pipelines.registry_stage import run_select
+    from dynroute.pipelines.run import tracking_uri
+
+    p = load_params(params)
+    try:
+        with tracking_uri(p) as uri:
+            chosen = run_select(p, uri=uri, max_gflops=max_gflops, min_miou=min_miou,
+                                dataset=dataset)
+    except _registry_errors() as err:
+        raise fail(str(err)) from None
+    if chosen is None:
+        bound = f" and mIoU >= {min_miou:g}" if min_miou is not None else ""
+        raise fail(f"no model on the registered front has mean GFLOPs <= {max_gflops:g}{bound}; "
+                   f"raise the budget or see the front with `dynroute register`")
+    if as_json:
+        typer.echo(json.dumps(chosen.to_dict(), indent=2))
+        return
+    mean, low, high = (_registry_figure(g) for g in
+                       (chosen.gflops_mean, chosen.gflops_min, chosen.gflops_max))
+    typer.echo(f"{chosen.name} version {chosen.version}: {chosen.uri}\n"
+               f"mIoU {_registry_figure(chosen.miou, '.4f')}, GFLOPs mean {mean} (min {low}, "
+               f"max {high}) at {chosen.cost_resolution or '?'}; trial {chosen.trial or '-'}; "
+               f"aliases "
+               f"{', '.join(chosen.aliases) or '-'}")
+
+
+def predict_command(
+    model: Annotated[str, typer.Option(
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/… or a checkpoint folder.")],
+    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG images.")],
+    out: Annotated[Path, typer.Option(help="Folder for masks, route drawings and JSON.")]
+    = Path("predictions"),
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    dataset: Annotated[str | None, typer.Option(
+        help="cityscapes or voc (colours); default from the model's class count.")] = None,
+    fast: InferenceFast = None,
+) -> None:
+    """Segment images with a registered model: colour mask + the route each image took."""
+
+    from dynroute.pipelines.registry_stage import run_predict
+    from dynroute.pipelines.run import tracking_uri
+
+    p = with_inference_fast(load_params(params), fast)
+    try:
+        with tracking_uri(p) as uri:
+            result = run_predict(p, model=model, images=images, out=out, uri=uri,
+                                 dataset=dataset)
+    except _registry_errors() as err:
+        raise fail(str(err)) from None
+    for row in result.images:
+        skipped = f", {len(row.skipped_cells)} cells skipped" if row.skipped_cells else ""
+        typer.echo(f"{row.image}: {row.height}x{row.width}, {row.gflops:.4g} GFLOPs, "
+                   f"{len(row.open_paths)} open paths{skipped} → {out / row.mask}, "
+                   f"{out / row.route}")
+    typer.echo(f"summary: {out / 'predictions.json'}")
