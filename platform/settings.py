@@ -32,7 +32,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import quote, urlsplit
+
+from dynroute.platform.url_secrets import (
+    MASK,
+    SCHEME,
+    SettingsError,
+    interpolate,
+    mask_url,
+    refuse_literal_secrets,
+)
 
 ENV_RAY_ADDRESS = "RAY_ADDRESS"
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
@@ -45,104 +54,9 @@ SECRET_ENV = (
     "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN",
 )
 S3_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-MASK = "***"
-
-_PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
-_SECRET_QUERY_KEY = re.compile(r"pass(word|wd)?|pwd|secret|token|access_?key|api_?key", re.I)
-_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|TOKEN|SECRET|ACCESS_KEY", re.I)
 _STORAGE_SCHEMES = {"s3", "gs", "gcs", "abfs", "abfss", "hdfs"}  # what Ray's pyarrow storage takes
 _RDB_DIALECTS = {"postgresql", "mysql", "mariadb", "sqlite", "oracle", "mssql"}  # SQLAlchemy's
 _DVC_SECRET_OPTIONS = {"secret_access_key", "access_key_id", "session_token", "password"}
-
-
-class SettingsError(ValueError):
-    """An endpoint that cannot be rendered; the message names the key or variable and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# URL helpers
-
-
-def _netloc_span(url: str) -> tuple[int, int] | None:
-    """(start, end) of the netloc of `scheme://netloc/...`, or None for a non-URL."""
-    match = _SCHEME.match(url)
-    if not match:
-        return None
-    start = match.end()
-    ends = [i for i in (url.find(c, start) for c in "/?#") if i >= 0]
-    return start, min(ends, default=len(url))
-
-
-def _userinfo_span(url: str) -> tuple[int, int] | None:
-    span = _netloc_span(url)
-    if span is None:
-        return None
-    at = url.rfind("@", *span)
-    return (span[0], at) if at >= 0 else None
-
-
-def mask_url(url: str) -> str:
-    """`url` with the password of its user info and secret-looking query values as `***`."""
-    userinfo = _userinfo_span(url)
-    if userinfo is not None:
-        user, colon, _ = url[userinfo[0]:userinfo[1]].partition(":")
-        if colon:
-            url = f"{url[:userinfo[0]]}{user}:{MASK}{url[userinfo[1]:]}"
-    base, question, query = url.partition("?")
-    if question:
-        query, hash_, fragment = query.partition("#")
-        parts = [f"{k}={MASK}" if _SECRET_QUERY_KEY.search(k) else f"{k}={v}" if eq else k
-                 for k, eq, v in (p.partition("=") for p in query.split("&"))]
-        url = f"{base}?{'&'.join(parts)}{hash_}{fragment}"
-    return url
-
-
-def _is_placeholder(text: str) -> bool:
-    return bool(re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}", text))
-
-
-def _refuse_literal_secrets(value: str, key: str) -> None:
-    """A URL from params.yaml may carry a secret only as a `${ENV_VAR}` reference."""
-    userinfo = _userinfo_span(value)
-    hint = (f"put it in an environment variable and write it as ${{VAR}} in {key} "
-            f"(e.g. postgresql://user:${{DYNROUTE_DB_PASSWORD}}@host/db)")
-    if userinfo is not None:
-        _, colon, password = value[userinfo[0]:userinfo[1]].partition(":")
-        if colon and password and not _is_placeholder(password):
-            raise SettingsError(f"{key} = {mask_url(value)} holds a password; params.yaml is "
-                                f"committed, so secrets never go there: {hint}")
-    query = urlsplit(value).query if _SCHEME.match(value) else ""
-    for name, secret in parse_qsl(query, keep_blank_values=True):
-        if _SECRET_QUERY_KEY.search(name) and secret and not _is_placeholder(secret):
-            raise SettingsError(f"{key} = {mask_url(value)} holds a secret in its query "
-                                f"({name}=…); {hint}")
-
-
-def _interpolate(value: str, where: str, env: Mapping[str, str], secrets: set[str]) -> str:
-    """Replace `${VAR}` from `env`; a value placed in a URL's user info is percent-encoded."""
-    if "${" in value and value.count("${") != len(_PLACEHOLDER.findall(value)):
-        raise SettingsError(f"{where} = {value!r}: unclosed '${{'; write ${{VAR}}")
-    userinfo = _userinfo_span(value)
-    out, last = [], 0
-    for match in _PLACEHOLDER.finditer(value):
-        name = match.group(1)
-        if not _ENV_NAME.match(name):
-            raise SettingsError(f"{where} = {value!r}: ${{{name}}} is not an environment "
-                                f"variable name (letters, digits, _)")
-        if name not in env:
-            raise SettingsError(f"{where} refers to ${{{name}}}, which is not set in the "
-                                f"environment; export {name}=… before running")
-        resolved = env[name]
-        in_userinfo = userinfo is not None and userinfo[0] <= match.start() < userinfo[1]
-        if in_userinfo or _SECRET_NAME.search(name):
-            secrets.add(resolved)
-        out += [value[last:match.start()], quote(resolved, safe="") if in_userinfo else resolved]
-        last = match.end()
-    return "".join([*out, value[last:]])
-
-
 # ---------------------------------------------------------------------------------------------
 # The endpoints, one function each
 
@@ -184,7 +98,7 @@ def _ray_address(env: Mapping[str, str]) -> str:
         return "local"
     if address == "auto":
         return address
-    scheme = _SCHEME.match(address)
+    scheme = SCHEME.match(address)
     rest = address[scheme.end():] if scheme else address
     host, colon, port = rest.rstrip("/").rpartition(":")
     if scheme and scheme.group(1) in ("http", "https") and rest and "/" not in rest.rstrip("/"):
@@ -199,7 +113,7 @@ def _ray_address(env: Mapping[str, str]) -> str:
 def _storage(value: str, key: str, root: Path) -> str:
     if not value.strip():
         raise SettingsError(f"{key} is empty; give a folder or s3://bucket/prefix")
-    scheme = _SCHEME.match(value)
+    scheme = SCHEME.match(value)
     if scheme is None:
         if ":" in value.split("/")[0] and not re.match(r"[A-Za-z]:[\\/]", value):
             raise SettingsError(f"{key} = {value!r}: expected a folder or s3://bucket/prefix")
@@ -218,7 +132,7 @@ def _storage(value: str, key: str, root: Path) -> str:
 def _tracking_uri(value: str, key: str) -> str:
     if value in ("local", "none", "databricks"):
         return value
-    scheme = _SCHEME.match(value)
+    scheme = SCHEME.match(value)
     if scheme is None or scheme.group(1).lower() == "file":
         raise SettingsError(
             f"{key} = {mask_url(value)}: MLflow ≥ 3.13 refuses a plain file store and this is no "
@@ -230,7 +144,7 @@ def _tracking_uri(value: str, key: str) -> str:
 
 
 def _optuna_storage(value: str, key: str, root: Path) -> str:
-    scheme = _SCHEME.match(value)
+    scheme = SCHEME.match(value)
     if scheme is None:
         if not value.strip():
             raise SettingsError(f"{key} is empty; give a journal file or an RDB URL")
@@ -278,7 +192,7 @@ def _dvc_remote(root: Path) -> tuple[str | None, str | None, str | None]:
         raise SettingsError(f"{dvc_dir / 'config'}: core.remote = {remote} but remote "
                             f"{remote!r} has no url; run `dvc remote add {remote} URL`")
     url = options["url"]
-    if not _SCHEME.match(url) and not Path(url).is_absolute():
+    if not SCHEME.match(url) and not Path(url).is_absolute():
         url = str((dvc_dir / url).resolve())  # DVC resolves it from the config's folder
     return remote, url, options.get("endpointurl")
 
@@ -322,14 +236,14 @@ class Settings:
         found: set[str] = set()
 
         def from_params(value: str, key: str) -> str:
-            _refuse_literal_secrets(value, key)
-            return _interpolate(value, key, env, found)
+            refuse_literal_secrets(value, key)
+            return interpolate(value, key, env, found)
 
         def from_env_or_params(var: str, value: str, key: str) -> tuple[str, str]:
             """(value, where it came from): the variable when set, else the params key."""
-            _refuse_literal_secrets(value, key)  # committed, even when the variable wins
+            refuse_literal_secrets(value, key)  # committed, even when the variable wins
             if env.get(var):
-                return _interpolate(env[var], var, env, found), var
+                return interpolate(env[var], var, env, found), var
             return from_params(value, key), key
 
         tracking, tracking_src = from_env_or_params(
@@ -380,7 +294,7 @@ class Settings:
 
     @property
     def optuna_is_rdb(self) -> bool:
-        return _SCHEME.match(self.optuna_storage) is not None
+        return SCHEME.match(self.optuna_storage) is not None
 
     @property
     def tracking_enabled(self) -> bool:
