@@ -1,14 +1,14 @@
 """Training: the per-worker loop and the driver call (model.md §9, paper §4.2).
 
 `train(spec)` runs `train_loop` on Ray Train workers (see ray_train.py). Each worker builds the
-network, reads its share of the shards, and runs the recipe (recipe.py): soft routing forward,
-L = L_seg + L_C, backward, clipping, SGD. Every `checkpoint_every` steps all workers report the
-same all-reduced metrics and rank 0 hands Ray a checkpoint (model, optimizer, step, the MLflow run
-id). After a failure the loop starts again from the latest checkpoint: the step counter goes
-back at most `checkpoint_every` steps and the MLflow run continues. Data order and augmentation
-are seeded per epoch and sample, drop path per worker and step (`step_seed`), so a resumed
-training ends bit for bit where an uninterrupted one does (same device, workers and loader
-workers; tested on CPU).
+network, reads its share of the shards, and runs the recipe (recipe.py): soft routing forward, L =
+L_seg + L_C, backward, clipping, SGD (train_step.py; on one GPU replayed as a CUDA graph). Every
+`checkpoint_every` steps all workers report the same all-reduced metrics and rank 0 hands Ray a
+checkpoint (model, optimizer, step, the MLflow run id). After a failure the loop starts again from
+the latest checkpoint: the step counter goes back at most `checkpoint_every` steps and the MLflow
+run continues. Data order and augmentation are seeded per epoch and sample, drop path per worker
+and step (`step_seed`), so a resumed training ends bit for bit where an uninterrupted one does
+(same device, workers and loader workers; tested on CPU).
 
 The driver owns the MLflow run: `train` starts it with the parameters and tags (git commit,
 data hash, params hash), or continues the run of the newest checkpoint, hands its id to the
