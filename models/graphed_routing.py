@@ -70,6 +70,7 @@ class GraphedRouting:
         self.inputs: dict[NodeId, torch.Tensor] = {}  # each node's input
         self.alphas: dict[NodeId, torch.Tensor] = {}
         self.decisions: dict[tuple, torch.Tensor] = {}
+        self.targets: dict[tuple, list[NodeId]] = {}  # the nodes each paths piece feeds
         self.zeros: dict[NodeId, torch.Tensor] = {}  # α of absent nodes
         self.logits: torch.Tensor | None = None
 
@@ -99,8 +100,9 @@ class GraphedRouting:
                 self._piece(("gates", r, here), partial(self._gates, nodes, (r, here)))
                 gated.update(here)
                 flags = tuple(self.decisions[(r, here)].tolist())  # the row's one wait
-                self._piece(("paths", r, here, flags), partial(self._paths, nodes, flags))
-                present = self._targets(nodes, flags)
+                key = ("paths", r, here, flags)
+                self._piece(key, partial(self._paths, nodes, flags, key))
+                present = self.targets[key]
             last = tuple(sorted(present))
             self._piece(("decoder", last), partial(self._decoder, last))
         gates = {n.node: self.alphas[n.node] if n.node in gated else self._zeros(n)
@@ -154,7 +156,7 @@ class GraphedRouting:
             opened.append((alpha > threshold).flatten())
         self._store(self.decisions, key, torch.cat(opened))
 
-    def _paths(self, nodes: list, flags: tuple[bool, ...]) -> None:
+    def _paths(self, nodes: list, flags: tuple[bool, ...], key: tuple) -> None:
         received: dict[NodeId, Feature] = {}
         start = 0
         for node in nodes:
@@ -165,22 +167,7 @@ class GraphedRouting:
                        received, 1)
         for target, feature in received.items():
             self._store(self.inputs, target, feature.value)
-
-    @staticmethod
-    def _targets(nodes: list, flags: tuple[bool, ...]) -> list[NodeId]:
-        """The nodes `_paths` deposits into, from the decisions alone (`_node_hard`'s rule: the
-        open paths' targets, or the keep path's when every path is closed)."""
-        targets: list[NodeId] = []
-        start = 0
-        for node in nodes:
-            g = len(node.paths)
-            row = flags[start:start + g]
-            start += g
-            chosen = [p.target for p, on in zip(node.paths, row, strict=True) if on]
-            if not any(row):
-                chosen = [p.target for p in node.paths if p.direction == "keep"]
-            targets += [t for t in chosen if t not in targets]
-        return targets
+        self.targets[key] = list(received)  # what a replay of this piece fills, for the next row
 
     def _decoder(self, last: tuple[NodeId, ...]) -> None:
         net = self.network
