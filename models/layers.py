@@ -66,3 +66,36 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class _AddScaled(torch.autograd.Function):
+    """into + a·t as one pass (addcmul), with the backward of the plain formula.
+
+    torch's own addcmul backward multiplies t by its `value` before the gradient of `a`: one
+    more pass over a full-size map than `into + a * t`, which would cancel the pass it saves.
+    """
+
+    @staticmethod
+    def forward(ctx, into: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, t)
+        return torch.addcmul(into, a, t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        a, t = ctx.saved_tensors
+        need_into, need_a, need_t = ctx.needs_input_grad
+        return (grad if need_into else None,
+                (grad * t).sum_to_size(a.shape) if need_a else None,
+                grad * a if need_t else None)
+
+
+def add_scaled(into: torch.Tensor | None, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """into + a·t (a broadcast over t, e.g. per sample (B, 1, 1, 1)); a·t when `into` is None.
+
+    One pass over the maps instead of two (the product, then the sum); `into` must have the
+    shape of the result.
+    """
+    if into is None:
+        return a * t
+    return _AddScaled.apply(into, a, t)

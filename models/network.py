@@ -138,11 +138,7 @@ class DynamicRoutingNetwork(nn.Module):
         for row in self.rows():
             received: dict[NodeId, torch.Tensor] = {}
             for node in row:
-                alpha, outputs = node(inputs[node.node], progress)
-                gates[node.node] = alpha
-                for path, y in zip(node.paths, outputs, strict=True):
-                    prev = received.get(path.target)
-                    received[path.target] = y if prev is None else prev + y
+                gates[node.node] = node(inputs[node.node], received, progress)
             inputs = received
         features = {node: Feature(value) for node, value in inputs.items()}
         return self._decoder_inputs(features), gates
@@ -207,9 +203,16 @@ def _node_hard(node: Node, idx: list[int] | None, x: torch.Tensor, alpha: torch.
         sel = [k for k, i in enumerate(act) if open_[i][j]]
         if not sel:
             continue
-        y = node.transforms[path.direction](_take(r, sel, len(act)))
-        y = _take(a[:, j], sel, len(act)).view(-1, 1, 1, 1) * y
-        _deposit(received, path.target, y, _select(idx, [act[k] for k in sel]), batch)
+        r_j = _take(r, sel, len(act))
+        a_j = _take(a[:, j], sel, len(act)).view(-1, 1, 1, 1)  # (n_j, 1, 1, 1)
+        rows = _select(idx, [act[k] for k in sel])
+        if len(rows) == batch:  # every sample, in order: sum fused into the path's last pass
+            prev = received.get(path.target)
+            received[path.target] = Feature(node.add_scaled(
+                path.direction, r_j, a_j, None if prev is None else prev.value))
+        else:
+            _deposit(received, path.target, node.add_scaled(path.direction, r_j, a_j), rows,
+                     batch)
 
 
 def _pad_to(size: int) -> int:

@@ -30,6 +30,7 @@ def build_transform(direction: Direction, channels: int) -> nn.Sequential:
     elif direction == "up":
         block = nn.Sequential(
             SharedReLU(), *conv_bn(channels, channels // 2),
+            # last, so that the node scales by α before it (Node.add_scaled)
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
         )
     elif direction == "down":

@@ -71,10 +71,17 @@ def _node(gate="tanh"):
                 closed_threshold=1e-4)
 
 
+def _soft(node, x, received=None):
+    """The node's soft forward: (α, [Y_j in path order]) when `received` starts empty."""
+    received = {} if received is None else received
+    alpha = node(x, received)
+    return alpha, [received[p.target] for p in node.paths]
+
+
 def test_training_forward_follows_eq4_and_eq6():
     node = _node().train()
     x = torch.randn(3, 8, 6, 6)
-    alpha, outs = node(x)
+    alpha, outs = _soft(node, x)
     r = torch.relu(node.cell(x))  # every transform starts with ReLU(H), applied once
     keep, up, down = (node.transforms[d] for d in ("keep", "up", "down"))
     assert all(isinstance(t[0], SharedReLU) for t in (keep, up, down))
@@ -86,11 +93,35 @@ def test_training_forward_follows_eq4_and_eq6():
     assert outs[1].shape == (3, 4, 12, 12) and outs[2].shape == (3, 16, 3, 3)
 
 
+def test_each_path_adds_into_its_targets_input_with_the_gradients_of_the_plain_formula():
+    """Eq. 4's sum, fused into the paths (addcmul; α before the up path's upsample), gives the
+    values and the gradients of Σ α_j·T_j(ReLU(H)) added one product at a time."""
+    node = _node().train()
+    x = torch.randn(3, 8, 6, 6, requires_grad=True)
+    prev = {p.target: torch.randn(3, *shape, requires_grad=True)
+            for p, shape in zip(node.paths, [(8, 6, 6), (4, 12, 12), (16, 3, 3)], strict=True)}
+    received = dict(prev)
+    alpha = node(x, received)
+    fused = [received[p.target] for p in node.paths]
+    grads_fused = torch.autograd.grad(sum((y * y.detach().sin()).sum() for y in fused),
+                                      [x, *prev.values(), *node.parameters()])
+    alpha, r = node.gate(x), torch.relu(node.cell(x))  # a second graph for the plain sums
+    plain = [prev[p.target] + alpha[:, j].view(-1, 1, 1, 1) * node.transforms[p.direction](r)
+             for j, p in enumerate(node.paths)]
+    grads_plain = torch.autograd.grad(sum((y * y.detach().sin()).sum() for y in plain),
+                                      [x, *prev.values(), *node.parameters()])
+    for y_fused, y_plain in zip(fused, plain, strict=True):
+        torch.testing.assert_close(y_fused, y_plain)
+    for g_fused, g_plain in zip(grads_fused, grads_plain, strict=True):
+        torch.testing.assert_close(g_fused, g_plain)
+    assert received.keys() == prev.keys()  # nothing else written
+
+
 def test_closed_node_passes_its_input_on_by_keep_in_training():
     node = _node().train()
     pin_gate(node.gate, [False, False, False])
     x = torch.randn(2, 8, 6, 6)
-    alpha, outs = node(x)
+    alpha, outs = _soft(node, x)
     assert bool((alpha == 0).all())
     assert torch.equal(outs[0], x)
     assert bool((outs[1] == 0).all()) and bool((outs[2] == 0).all())
@@ -100,7 +131,7 @@ def test_partially_open_node_scales_each_path_by_its_own_alpha():
     node = _node().train()
     pin_gate(node.gate, [False, True, False])
     x = torch.randn(2, 8, 6, 6)
-    alpha, outs = node(x)
+    alpha, outs = _soft(node, x)
     assert bool((outs[0] == 0).all()), "keep closed while another path is open: no residual"
     up = node.transforms["up"](torch.relu(node.cell(x)))
     torch.testing.assert_close(outs[1], alpha[:, 1].view(-1, 1, 1, 1) * up)
