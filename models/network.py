@@ -198,13 +198,14 @@ def _node_hard(node: Node, idx: list[int] | None, x: torch.Tensor, alpha: torch.
     if not act:
         return
     r = F.relu(node.cell(_take(x, act, x.shape[0])))  # (n_active, C, h, w): ReLU(H), shared
-    a = _take(alpha, act, x.shape[0])
+    a = _take(alpha, act, x.shape[0])  # (n, g)
+    columns = a.view(*a.shape, 1, 1, 1).unbind(1)  # g × (n, 1, 1, 1)
     for j, path in enumerate(node.paths):
         sel = [k for k, i in enumerate(act) if open_[i][j]]
         if not sel:
             continue
         r_j = _take(r, sel, len(act))
-        a_j = _take(a[:, j], sel, len(act)).view(-1, 1, 1, 1)  # (n_j, 1, 1, 1)
+        a_j = _take(columns[j], sel, len(act))  # (n_j, 1, 1, 1)
         rows = _select(idx, [act[k] for k in sel])
         if len(rows) == batch:  # every sample, in order: sum fused into the path's last pass
             prev = received.get(path.target)

@@ -79,8 +79,8 @@ class Node(nn.Module):
         h = self.cell(x, progress)  # (B, C, h, w)
         closed = (alpha.sum(dim=1) < self.closed_threshold).to(x.dtype)  # (B,)
         r = F.relu(h)  # the ReLU every transform starts with, once for all paths
-        for j, path in enumerate(self.paths):
-            a = alpha[:, j].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        columns = alpha.view(*alpha.shape, 1, 1, 1).unbind(1)  # g × (B, 1, 1, 1)
+        for path, a in zip(self.paths, columns, strict=True):
             y = self.add_scaled(path.direction, r, a, received.get(path.target))
             if path.direction == "keep":
                 y = add_scaled(y, closed.view(-1, 1, 1, 1), x)

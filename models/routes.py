@@ -36,10 +36,13 @@ class Route:
     name: str = "custom"
     description: str = ""
     _space: RoutingSpace = field(init=False, repr=False, compare=False)
+    _cells: frozenset[NodeId] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "paths", frozenset(self.paths))
         object.__setattr__(self, "_space", RoutingSpace(self.layers))
+        # derived once: the hard forward asks for it per row of every image
+        object.__setattr__(self, "_cells", frozenset(p.source for p in self.paths))
         self._validate()
 
     @classmethod
@@ -56,7 +59,7 @@ class Route:
     @property
     def cells(self) -> frozenset[NodeId]:
         """Nodes on the route (the init cell included)."""
-        return frozenset(p.source for p in self.paths)
+        return self._cells
 
     def paths_of(self, node: NodeId) -> tuple[Path, ...]:
         """The route's paths leaving `node`, in gate column order."""
