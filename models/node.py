@@ -16,9 +16,8 @@ node and, in training, ~10% fewer activations kept for the backward pass (L=16, 
 Each Y_j is added straight into the input of the node it reaches, since that input is their sum
 (Eq. 4), in as few passes over full-size maps as the maths allows: products with α and sums took
 a fifth of a training step's kernel time on a GPU (benchmarks/gpu_profile.py). A product and a sum
-are one pass (`layers.add_scaled`), and the up path scales by α *before* its bilinear ×2, which is
-linear, so that product (and in the backward pass its two, and the map kept for them) covers a
-quarter as many elements. Counted from operator shapes for a training step (L=16, C₀=16, batch 2
+are one pass (`layers.add_scaled`), and the up path scales by α before its bilinear ×2
+(`transforms.UpTransform`). Counted from operator shapes for a training step (L=16, C₀=16, batch 2
 of 256×256), the products, sums and upsamplings move 15% fewer bytes (674 instead of 793 MiB) and
 the step keeps 7% fewer activations for the backward pass (161 instead of 174 MiB).
 """
@@ -93,10 +92,6 @@ class Node(nn.Module):
         per sample by a (n, 1, 1, 1) and added to `into` (its target's input so far) if given."""
         transform = self.transforms[direction]
         if direction == "up":
-            *head, upsample = transform  # α·up(z) = up(α·z): scale the quarter-size map
-            z = r
-            for layer in head:
-                z = layer(z)  # (n, C/2, h, w)
-            y = upsample(a * z)  # (n, C/2, 2h, 2w)
+            y = transform(r, a)  # α applied before its upsample (UpTransform)
             return y if into is None else into + y
         return add_scaled(into, a, transform(r))

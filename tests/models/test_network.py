@@ -133,7 +133,7 @@ def test_closed_paths_are_not_computed_at_inference(make_network, images):
     pin_gate(node.gate, [True, False, False])  # keep only
     calls = {"up": 0, "down": 0}
     for d in calls:
-        node.transforms[d][1].register_forward_hook(  # the path's conv
+        node.transforms[d].register_forward_hook(
             lambda *a, d=d: calls.__setitem__(d, calls[d] + 1))
     with torch.no_grad():
         net(images)
