@@ -98,4 +98,6 @@ def add_scaled(into: torch.Tensor | None, a: torch.Tensor, t: torch.Tensor) -> t
     """
     if into is None:
         return a * t
-    return _AddScaled.apply(into, a, t)
+    if torch.is_grad_enabled() and (into.requires_grad or a.requires_grad or t.requires_grad):
+        return _AddScaled.apply(into, a, t)
+    return torch.addcmul(into, a, t)  # nothing to differentiate: skip the Function's overhead

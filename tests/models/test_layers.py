@@ -38,6 +38,8 @@ def test_add_scaled_has_the_values_and_gradients_of_the_plain_formula(dtype):
         assert g.dtype == e.dtype and g.shape == e.shape
         torch.testing.assert_close(g, e)
     assert torch.equal(add_scaled(None, a, t), a * t)
+    with torch.no_grad():  # inference: the same sum without an autograd Function
+        torch.testing.assert_close(add_scaled(into, a, t), plain)
 
 
 def test_add_scaled_is_one_pass_forward_and_no_more_backward_than_the_plain_formula():
