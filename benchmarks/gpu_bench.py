@@ -668,6 +668,8 @@ class InferCase:
     mode: str | None = None
     hard: bool = True
     fold_bn: bool = False  # every BN folded into its conv (models/fusion.py)
+    # then each folded conv → ReLU as one cuDNN conv + bias + ReLU call (fusion.fuse_conv_relu)
+    fuse_relu: bool = False
     cudnn_benchmark: bool = False
     graph: bool = False  # the (static) forward captured once per batch shape as a CUDA graph
     # Batch 1: the routing forward's pieces replayed as CUDA graphs (models/graphed_routing.py);
@@ -702,6 +704,10 @@ INFER_CASES = (
     InferCase("row graphs (b1) + folded BN + bf16 w + CL", bf16_weights=True, channels_last=True,
               fold_bn=True, row_graphs=True),
     InferCase("row graphs (b1) + folded BN (NCHW)", fold_bn=True, row_graphs=True),
+    InferCase("folded BN + conv·ReLU fused + CL", channels_last=True, fold_bn=True,
+              fuse_relu=True),
+    InferCase("row graphs (b1) + folded BN + conv·ReLU fused + CL", channels_last=True,
+              fold_bn=True, fuse_relu=True, row_graphs=True),
     InferCase("compile blocks + bf16 w + CL", bf16_weights=True, channels_last=True,
               compile="blocks"),
     InferCase("static soft forward fp32", hard=False),
@@ -739,10 +745,14 @@ class InferRunner:
     """
 
     def __init__(self, net: nn.Module, case: InferCase, *, backend: str = "inductor") -> None:
-        from dynroute.models.fusion import fold_batchnorm
+        from dynroute.models.fusion import fold_batchnorm, fuse_conv_relu
 
         self.case = case
+        if case.fuse_relu and not case.fold_bn:
+            raise ValueError("conv·ReLU fusion works on a network with its BN folded")
         self.net = fold_batchnorm(net) if case.fold_bn else copy.deepcopy(net).eval()
+        if case.fuse_relu:
+            self.net = fuse_conv_relu(self.net)
         if case.bf16_weights:
             self.net = self.net.to(torch.bfloat16)
         if case.channels_last:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .decoder import PyramidPooling
-from .fusion import FoldedConv2d
+from .fusion import FoldedConv2d, FusedConvReLU
 from .gate import FixedGate, SoftConditionalGate
 from .layers import Resize
 from .routing_space import INIT_ROW, NUM_SCALES, NodeId, channels
@@ -83,6 +83,8 @@ def count_flops(module: nn.Module, shape: Shape) -> tuple[Flops, Shape]:
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         out = module.out_channels
         conv = kh * kw * (module.in_channels // module.groups) * out * ho * wo
+        if isinstance(module, FusedConvReLU):  # counted as the conv → BN → ReLU it replaces
+            return Flops(conv=conv, norm=2 * out * ho * wo, act=out * ho * wo), (out, ho, wo)
         if isinstance(module, FoldedConv2d):  # counted as the conv → BN it replaces
             return Flops(conv=conv, norm=2 * out * ho * wo), (out, ho, wo)
         bias = out * ho * wo if module.bias is not None else 0

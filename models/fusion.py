@@ -14,6 +14,11 @@ The cost model keeps counting the network the paper describes: a `FoldedConv2d` 
 plus the BN it absorbed, and the `nn.Identity` left in the BN's place counts nothing, so cost
 tables (and the real GFLOPs users see) do not change with folding. The Sequentials keep their
 length, so indexing into them (`gate.features[-1]`, `levels[k][0]`) still finds the same layers.
+
+`fuse_conv_relu` goes one step further on a folded copy: a folded conv followed by a ReLU becomes
+one `FusedConvReLU`, which on CUDA is cuDNN's fused conv + bias + ReLU (one launch and one pass
+over the output instead of two). On other devices it runs the conv and the ReLU as before, so a
+CPU checks the rewrite, not the fused kernel. Not a default: its GPU speed is unmeasured.
 """
 
 from __future__ import annotations
@@ -21,11 +26,22 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class FoldedConv2d(nn.Conv2d):
     """A conv with the BN that followed it folded into its weight and bias."""
+
+
+class FusedConvReLU(FoldedConv2d):
+    """ReLU(folded conv(x)): one cuDNN conv + bias + ReLU call on CUDA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.padding_mode == "zeros":
+            return torch.cudnn_convolution_relu(x, self.weight, self.bias, self.stride,
+                                                self.padding, self.dilation, self.groups)
+        return F.relu(super().forward(x))
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> FoldedConv2d:
@@ -71,3 +87,29 @@ def fold_batchnorm(network: nn.Module) -> nn.Module:
 def has_batchnorm(network: nn.Module) -> bool:
     """Whether any BN layer is left (a folded network has none)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules())
+
+
+def fuse_conv_relu(folded: nn.Module) -> nn.Module:
+    """An inference copy of a folded network (`fold_batchnorm`) with every folded conv →
+    (identity left by its BN) → ReLU run as one `FusedConvReLU`; the ReLU's place becomes an
+    identity, so the Sequentials keep their length and the cost model counts the same."""
+    if has_batchnorm(folded):
+        raise ValueError("fuse_conv_relu needs a network with its BN folded (fold_batchnorm)")
+    fused = copy.deepcopy(folded).eval()
+    for block in [m for m in fused.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(2, len(block)):
+            conv, gap, relu = block[i - 2], block[i - 1], block[i]
+            if (type(conv) is FoldedConv2d and type(gap) is nn.Identity
+                    and type(relu) is nn.ReLU):
+                block[i - 2] = _fused(conv)
+                block[i] = nn.Identity()
+    return fused
+
+
+def _fused(conv: FoldedConv2d) -> FusedConvReLU:
+    fused = FusedConvReLU(conv.in_channels, conv.out_channels, conv.kernel_size,
+                          stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                          groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+                          device=conv.weight.device, dtype=conv.weight.dtype)
+    fused.load_state_dict(conv.state_dict())
+    return fused

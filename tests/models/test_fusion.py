@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from dynroute.models.cell import CELL_OPS
-from dynroute.models.fusion import FoldedConv2d, fold_batchnorm, fold_conv_bn, has_batchnorm
+from dynroute.models.fusion import (
+    FoldedConv2d,
+    FusedConvReLU,
+    fold_batchnorm,
+    fold_conv_bn,
+    fuse_conv_relu,
+    has_batchnorm,
+)
 
 from .conftest import tiny_network
 
@@ -96,3 +103,51 @@ def test_a_fixed_route_network_folds_too(make_network, images):
     with torch.inference_mode():
         plain, fast = net(images).logits, folded(images).logits
     assert (fast - plain).abs().max() / plain.abs().max() < 1e-5
+
+
+def _relu_after_folded_conv(net: nn.Module) -> int:
+    """Folded conv → identity → ReLU triples left unfused."""
+    count = 0
+    for block in (m for m in net.modules() if isinstance(m, nn.Sequential)):
+        for i in range(2, len(block)):
+            count += (type(block[i - 2]) is FoldedConv2d and type(block[i - 1]) is nn.Identity
+                      and type(block[i]) is nn.ReLU)
+    return count
+
+
+@pytest.mark.parametrize("cell", sorted(CELL_OPS))
+def test_conv_relu_fusion_computes_and_costs_what_the_folded_network_does(cell, images):
+    folded = fold_batchnorm(trained_statistics(tiny_network(cell=cell, psp=True,
+                                                            small_gate=True)).eval())
+    fused = fuse_conv_relu(folded)
+    assert _relu_after_folded_conv(folded) > 0
+    assert _relu_after_folded_conv(fused) == 0, "every conv → BN → ReLU is fused"
+    relus = sum(type(m) is nn.ReLU for m in folded.modules())
+    fused_convs = sum(type(m) is FusedConvReLU for m in fused.modules())
+    assert sum(type(m) is nn.ReLU for m in fused.modules()) == relus - fused_convs
+    assert sum(type(m) is FoldedConv2d for m in folded.modules()) == fused_convs + sum(
+        type(m) is FoldedConv2d for m in fused.modules()), "the other folded convs stay"
+    with torch.inference_mode():
+        for skip in (False, True):
+            plain, fast = folded(images, skip=skip), fused(images, skip=skip)
+            assert torch.equal(fast.logits, plain.logits)  # on a CPU: the same conv, then ReLU
+    for height, width in ((64, 96), (1024, 2048)):
+        assert fused.cost_model(height, width) == folded.cost_model(height, width)
+
+
+def test_conv_relu_fusion_needs_folded_batchnorm():
+    with pytest.raises(ValueError, match="fold_batchnorm"):
+        fuse_conv_relu(tiny_network())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cudnn_fused_conv_relu_equals_conv_then_relu_on_a_gpu(images):
+    folded = fold_batchnorm(trained_statistics(tiny_network(small_gate=True)).eval()).cuda()
+    fused = fuse_conv_relu(folded)
+    x = images.cuda()
+    with torch.inference_mode():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            a = folded.to(memory_format=layout)(x.to(memory_format=layout)).logits
+            b = fused.to(memory_format=layout)(x.to(memory_format=layout)).logits
+            assert ((b - a).abs().max() / a.abs().max()).item() < 1e-3
