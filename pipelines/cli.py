@@ -187,7 +187,8 @@ def train_command(
         help="Override train.budget: dynamic-a/b/c, dynamic-raw, network-fix.")] = None,
     fast: Annotated[bool | None, typer.Option(
         "--fast/--no-fast", help="Override run.fast: the device's measured fast path "
-                                 "(channels-last on CUDA) or the plain fp32 layout.")] = None,
+                                 "(channels-last; on one GPU the step as a CUDA graph) or the "
+                                 "plain fp32 layout.")] = None,
 ) -> None:
     """Train the network on Ray Train (in-process with 0 workers), tracked in MLflow."""
     from dataclasses import replace
