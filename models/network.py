@@ -209,10 +209,10 @@ def _node_hard(node: Node, idx: list[int] | None, x: torch.Tensor, alpha: torch.
         rows = _select(idx, [act[k] for k in sel])
         if len(rows) == batch:  # every sample, in order: sum fused into the path's last pass
             prev = received.get(path.target)
-            received[path.target] = Feature(node.add_scaled(
+            received[path.target] = Feature(node.add_path(
                 path.direction, r_j, a_j, None if prev is None else prev.value))
         else:
-            _deposit(received, path.target, node.add_scaled(path.direction, r_j, a_j), rows,
+            _deposit(received, path.target, node.add_path(path.direction, r_j, a_j), rows,
                      batch)
 
 

@@ -80,13 +80,13 @@ class Node(nn.Module):
         r = F.relu(h)  # the ReLU every transform starts with, once for all paths
         columns = alpha.view(*alpha.shape, 1, 1, 1).unbind(1)  # g × (B, 1, 1, 1)
         for path, a in zip(self.paths, columns, strict=True):
-            y = self.add_scaled(path.direction, r, a, received.get(path.target))
+            y = self.add_path(path.direction, r, a, received.get(path.target))
             if path.direction == "keep":
                 y = add_scaled(y, closed.view(-1, 1, 1, 1), x)
             received[path.target] = y
         return alpha
 
-    def add_scaled(self, direction: Direction, r: torch.Tensor, a: torch.Tensor,
+    def add_path(self, direction: Direction, r: torch.Tensor, a: torch.Tensor,
                    into: torch.Tensor | None = None) -> torch.Tensor:
         """into + a·T(r): the path along `direction` applied to r = ReLU(H) (n, C, h, w), scaled
         per sample by a (n, 1, 1, 1) and added to `into` (its target's input so far) if given."""
