@@ -1,11 +1,11 @@
-"""Logging, registering and loading PyTorch models with MLflow: the model half of the facade.
+"""Logging and loading PyTorch models with MLflow: the model half of the facade.
 
-`Tracker.log_model` and `Tracker.register_model` (in `tracking.py`) call these with the tracker's
-run, experiment and URI; `load_pytorch_model` serves code that only reads a model back (e.g. the
-`dynroute` pipelines). The rest of the facade logs through `MlflowClient` with explicit run ids;
-model logging and registration need MLflow's fluent API, which reads process-wide URIs (set by
-`use_fluent_uris` first), and the facade's fluent calls live here. Like `tracking.py`, it is
-one of the few modules that import `mlflow` (style.md, lesson 8).
+`Tracker.log_model` (in `tracking.py`) calls `log_pytorch_model` with the tracker's run,
+experiment and URI; `load_pytorch_model` serves code that only reads a model back (e.g. the
+`dynroute` pipelines); `registry.py` registers the logged models. The rest of the facade logs
+through `MlflowClient` with explicit run ids; model logging needs MLflow's fluent API, which reads
+process-wide URIs (set by `use_fluent_uris` first), and the facade's fluent calls live here. Like
+`tracking.py`, it is one of the few modules that import `mlflow` (style.md, lesson 8).
 
 MLflow 3.17 facts this module relies on (checked in the installed source):
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["load_pytorch_model", "log_pytorch_model", "register_model", "use_fluent_uris"]
+__all__ = ["load_pytorch_model", "log_pytorch_model", "use_fluent_uris"]
 
 
 def use_fluent_uris(uri: str) -> None:
@@ -77,13 +77,6 @@ def log_pytorch_model(model: torch.nn.Module, *, tracking_uri: str, experiment_i
                                     serialization_format="pickle",
                                     pip_requirements=pip_requirements, run_id=run_id)
     return info.model_uri
-
-
-def register_model(model_uri: str, name: str, *, tracking_uri: str) -> str:
-    """Register `model_uri` as a new version of registered model `name` (created if needed);
-    the new version number, as a string."""
-    use_fluent_uris(tracking_uri)
-    return str(mlflow.register_model(model_uri, name).version)
 
 
 def load_pytorch_model(model_uri: str, *, tracking_uri: str | None) -> torch.nn.Module:

@@ -11,8 +11,8 @@ files keeps an upgrade small.
   method into a no-op, so the training loop never branches on rank) and robust to a server that
   restarts: metrics go through an ordered buffer that a background thread delivers with explicit
   timestamps, retrying through outages (`metric_sender.MetricSender`; its `MetricsNotDelivered`
-  is what `flush` and `end_run` raise). Models are logged, registered and loaded by
-  `model_logging.py`.
+  is what `flush` and `end_run` raise). Models are logged and loaded by `model_logging.py` and
+  registered by `registry.py`.
 * The reproducibility record's pure helpers (`flatten`, `params_hash`, `git_commit`) live in
   `provenance.py`.
 
@@ -45,7 +45,7 @@ from mlflow.exceptions import MlflowException
 
 from dynroute.platform.metric_sender import MetricSender
 from dynroute.platform.mlflow_server import MlflowServer, MlflowServerError
-from dynroute.platform.model_logging import log_pytorch_model, register_model
+from dynroute.platform.model_logging import log_pytorch_model
 from dynroute.platform.provenance import flatten
 
 if TYPE_CHECKING:
@@ -128,7 +128,8 @@ def _storing(what: str, uri: str | None) -> Iterator[None]:
 
 
 class Tracker:
-    """The tracking facade: runs, params, metrics, artifacts, models and registry calls.
+    """The tracking facade: runs, params, metrics, artifacts and models (registering them is
+    `registry.py`'s).
 
     Args:
         uri: tracking URI (e.g. `MlflowServer.uri`); None falls back to `MLFLOW_TRACKING_URI`.
@@ -407,7 +408,7 @@ class Tracker:
         with _storing(f"artifact {artifact_file}", self.uri):
             self._client.log_dict(self._active(), data, artifact_file)
 
-    # -- models and registry -----------------------------------------------------------------
+    # -- models ------------------------------------------------------------------------------
 
     def log_model(self, model: torch.nn.Module, *, name: str, input_example: np.ndarray,
                   output_example: np.ndarray | None = None,
@@ -430,28 +431,3 @@ class Tracker:
                                      input_example=input_example,
                                      output_example=output_example,
                                      pip_requirements=pip_requirements)
-
-    def register_model(self, model_uri: str, name: str) -> str | None:
-        """Register `model_uri` as a new version of registered model `name` (created if needed).
-
-        Returns:
-            The new version number, as a string (None when disabled).
-        """
-        if not self.enabled:
-            return None
-        assert self.uri is not None
-        return register_model(model_uri, name, tracking_uri=self.uri)
-
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        """Point `models:/name@alias` at `version` (moves the alias if it exists)."""
-        if self.enabled:
-            self._client.set_registered_model_alias(name, alias, version)
-
-    def delete_alias(self, name: str, alias: str) -> None:
-        if self.enabled:
-            self._client.delete_registered_model_alias(name, alias)
-
-    def set_model_version_tag(self, name: str, version: str, key: str, value: object) -> None:
-        if self.enabled:
-            self._client.set_model_version_tag(name, version, key, str(value))
-

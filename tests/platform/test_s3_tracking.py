@@ -137,8 +137,10 @@ def test_a_trained_model_lands_in_the_bucket(s3_mlflow, s3_server, tracked, tmp_
 
 @pytest.mark.slow
 def test_the_registered_version_resolves_to_the_bucket(s3_mlflow, s3_server, tracked) -> None:
-    tracker = Tracker(uri=s3_mlflow.uri, experiment="s3")
-    version = tracker.register_model(f"models:/{tracked.model_id}", "dynroute-s3")
+    mlflow.set_tracking_uri(s3_mlflow.uri)
+    mlflow.set_registry_uri(s3_mlflow.uri)
+    # how registry.register_front registers a logged model
+    version = str(mlflow.register_model(f"models:/{tracked.model_id}", "dynroute-s3").version)
     client = MlflowClient(s3_mlflow.uri, registry_uri=s3_mlflow.uri)
     registered = client.get_model_version("dynroute-s3", version)
     assert registered.source == f"models:/{tracked.model_id}"
@@ -148,8 +150,6 @@ def test_the_registered_version_resolves_to_the_bucket(s3_mlflow, s3_server, tra
     assert f"{prefix}data/model.pth" in s3_server.keys(BUCKET, prefix)
 
     # Loading the registered version reads the bucket through the server: the trained weights.
-    mlflow.set_tracking_uri(s3_mlflow.uri)
-    mlflow.set_registry_uri(s3_mlflow.uri)
     loaded = mlflow.pytorch.load_model(f"models:/dynroute-s3/{version}", map_location="cpu")
     trained = torch.load(tracked.checkpoint, map_location="cpu", weights_only=False)["model"]
     assert weights_equal(loaded.state_dict(), trained)
