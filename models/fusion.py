@@ -110,6 +110,8 @@ def _fused(conv: FoldedConv2d) -> FusedConvReLU:
     fused = FusedConvReLU(conv.in_channels, conv.out_channels, conv.kernel_size,
                           stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                           groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
-                          device=conv.weight.device, dtype=conv.weight.dtype)
-    fused.load_state_dict(conv.state_dict())
+                          device="meta")
+    # the conv's own tensors, copied with their device, dtype and memory format (channels-last)
+    fused.weight = nn.Parameter(conv.weight.detach().clone(), conv.weight.requires_grad)
+    fused.bias = nn.Parameter(conv.bias.detach().clone(), conv.bias.requires_grad)
     return fused

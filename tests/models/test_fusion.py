@@ -135,6 +135,14 @@ def test_conv_relu_fusion_computes_and_costs_what_the_folded_network_does(cell, 
         assert fused.cost_model(height, width) == folded.cost_model(height, width)
 
 
+def test_conv_relu_fusion_keeps_the_weights_layout():
+    folded = fold_batchnorm(tiny_network().eval()).to(memory_format=torch.channels_last)
+    fused = fuse_conv_relu(folded)
+    convs = [m for m in fused.modules() if type(m) is FusedConvReLU]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                         for m in convs if m.weight.shape[-1] > 1 or m.weight.shape[1] > 1)
+
+
 def test_conv_relu_fusion_needs_folded_batchnorm():
     with pytest.raises(ValueError, match="fold_batchnorm"):
         fuse_conv_relu(tiny_network())
