@@ -15,10 +15,11 @@ tagged `pareto=false`; one that comes back is tagged `pareto=true` again. Only t
 are moved or deleted: others (e.g. a hand-set `production`) are left alone, only reported.
 
 `platform.selection.select_version` answers "the best model under N GFLOPs" from the versions
-`read_versions` reads back; `predict.py` runs a chosen model on image files.
+`registered_versions.read_versions` reads back; `predict.py` runs a chosen model on image files.
 
-With `tracking.py` and its helpers (`metric_sender.py`, `model_logging.py`), this is one of the few
-modules that talk to MLflow (the registry half of its API; style.md, lesson 8).
+With `registered_versions.py`, `tracking.py` and its helpers (`metric_sender.py`,
+`model_logging.py`), this is one of the few modules that talk to MLflow (the registry half of its
+API; style.md, lesson 8).
 """
 
 from __future__ import annotations
@@ -45,18 +46,25 @@ from dynroute.platform.front import (
     model_name,
 )
 from dynroute.platform.pareto import Point
+from dynroute.platform.registered_versions import (
+    TAG_PARETO,
+    TAG_RANK,
+    TAG_RESOLUTION,
+    TAG_STUDY,
+    TAG_TRIAL,
+    RegisteredVersion,
+    all_versions,
+    describe_versions,
+    registry_client,
+)
 
 __all__ = [
     "SERVICE_ERRORS",
-    "RegisteredVersion",
     "RegistryState",
-    "read_versions",
     "register_front",
 ]
 
-# Version tags (metric names from `metrics`, the rest the search coordinates and lineage).
-TAG_PARETO, TAG_RANK, TAG_TRIAL, TAG_STUDY = "pareto", "pareto_rank", "trial", "study"
-TAG_RESOLUTION, TAG_PARAMS, TAG_DATASET = "cost_resolution", "params", "dataset"
+TAG_PARAMS, TAG_DATASET = "params", "dataset"  # the other tags: registered_versions.py
 MAX_TAG_VALUE_CHARS = 8000  # MLflow 3.17's limit (tracking.MAX_TAG_VALUE_CHARS)
 
 # What a registry call raises when MLflow itself fails (server down, refused request); callers
@@ -65,35 +73,7 @@ SERVICE_ERRORS: tuple[type[Exception], ...] = (MlflowException,)
 
 
 # ---------------------------------------------------------------------------------------------
-# MLflow access
-
-
-def _client(tracking_uri: str) -> MlflowClient:
-    from dynroute.platform.tracking import _configure_http_client
-
-    _configure_http_client()  # fail fast against a dead server (tracking.py's HTTP defaults)
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def _versions(client: MlflowClient, name: str) -> list:
-    """Every version of `name`, oldest first (all pages)."""
-    found, token = [], None
-    while True:
-        page = client.search_model_versions(f"name='{name}'", page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            return sorted(found, key=lambda v: int(v.version))
-
-
-def _registered_model(client: MlflowClient, name: str, tracking_uri: str):
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"no registered model {name!r} on {tracking_uri}; register the "
-                                f"Pareto front first (`dynroute register`)") from None
-        raise
+# Version tags
 
 
 def _tag(value: object) -> str:
@@ -112,13 +92,6 @@ def _tag(value: object) -> str:
         marker = f"...[truncated {len(text)} chars]"
         text = text[: MAX_TAG_VALUE_CHARS - len(marker)] + marker
     return text
-
-
-def _float_tag(tags: Mapping[str, str], key: str) -> float:
-    try:
-        return float(tags[key])
-    except (KeyError, ValueError):
-        return math.nan
 
 
 def _run_id(point: Point) -> str | None:
@@ -148,61 +121,6 @@ def _version_tags(point: Point, front: Front) -> dict[str, str]:
         if key in meta:
             tags[key] = meta[key]
     return {k: _tag(v) for k, v in tags.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Versions as their tags describe them
-
-
-@dataclass(frozen=True)
-class RegisteredVersion:
-    """One version of the registered model, as its tags describe it."""
-
-    version: str
-    trial: str | None
-    study: str | None
-    run_id: str | None
-    miou: float
-    gflops_mean: float
-    gflops_max: float
-    gflops_min: float
-    cost_resolution: str | None
-    pareto: bool
-    pareto_rank: str | None
-    aliases: tuple[str, ...]
-
-
-def _describe(version, aliases_of: Mapping[str, list[str]]) -> RegisteredVersion:
-    tags = version.tags
-    return RegisteredVersion(
-        version=str(version.version), trial=tags.get(TAG_TRIAL), study=tags.get(TAG_STUDY),
-        run_id=version.run_id or None, miou=_float_tag(tags, metrics.MIOU),
-        gflops_mean=_float_tag(tags, metrics.GFLOPS_MEAN),
-        gflops_max=_float_tag(tags, metrics.GFLOPS_MAX),
-        gflops_min=_float_tag(tags, metrics.GFLOPS_MIN),
-        cost_resolution=tags.get(TAG_RESOLUTION), pareto=tags.get(TAG_PARETO) == "true",
-        pareto_rank=tags.get(TAG_RANK), aliases=tuple(sorted(aliases_of.get(
-            str(version.version), []))))
-
-
-def _describe_versions(client: MlflowClient, name: str, aliases: Mapping[str, object],
-                       ) -> list[RegisteredVersion]:
-    """Every version of `name`, oldest first, with `aliases` (alias → version) spread over them."""
-    aliases_of: dict[str, list[str]] = {}
-    for alias, number in aliases.items():
-        aliases_of.setdefault(str(number), []).append(alias)
-    return [_describe(v, aliases_of) for v in _versions(client, name)]
-
-
-def read_versions(*, tracking_uri: str, name: str) -> tuple[str, list[RegisteredVersion]]:
-    """The registered model `name` as the server names it, and every version of it, oldest first.
-
-    Raises:
-        RegistryError: no model of that name is registered (says to run `dynroute register`).
-    """
-    client = _client(tracking_uri)
-    model = _registered_model(client, name, tracking_uri)
-    return model.name, _describe_versions(client, model.name, model.aliases)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +216,7 @@ def _settle_duplicates(client: MlflowClient, name: str, created_for: Mapping[str
     registry. For every run the oldest version wins; the newer ones this call created are
     deleted and its points map to the winner, so both calls end with one version per run."""
     oldest: dict[str, str] = {}
-    for version in _versions(client, name):  # oldest first
+    for version in all_versions(client, name):  # oldest first
         if version.run_id:
             oldest.setdefault(version.run_id, str(version.version))
     for point_id, version in list(version_of.items()):
@@ -337,13 +255,13 @@ def register_front(pareto: Mapping | str | os.PathLike, *, tracking_uri: str, na
     automatic = not edges
     if automatic:
         edges = automatic_budget_edges(p.gflops for p in front.points)
-    client = _client(tracking_uri)
+    client = registry_client(tracking_uri)
     try:
         client.create_registered_model(name)
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    existing = _versions(client, name)
+    existing = all_versions(client, name)
     by_run = {}
     by_trial = {}
     for version in existing:  # oldest first: a duplicate registration never wins
@@ -423,7 +341,7 @@ def register_front(pareto: Mapping | str | os.PathLike, *, tracking_uri: str, na
 
     # Read back what is there, so the summary is the server's truth.
     aliases = dict(client.get_registered_model(name).aliases)
-    described = _describe_versions(client, name, aliases)
+    described = describe_versions(client, name, aliases)
     state.versions = (sorted((v for v in described if v.version in on_front),
                              key=lambda v: (v.gflops_mean, -v.miou, int(v.version)))
                       + [v for v in described if v.version not in on_front])

@@ -1,10 +1,10 @@
 """Choosing a registered model: "the best model under N GFLOPs", answered from the registry.
 
 `select_version` reads the versions `platform.registry.register_front` left (through
-`registry.read_versions`, their figures from their tags) and picks the most accurate one still on
-the Pareto front within a GFLOPs budget; `dynroute select` prints it and `dynroute predict` loads
-it by its `uri`. The registry itself is the source of truth, so the answer follows the front as
-`dynroute register` moves it, without a pareto.json at hand.
+`registered_versions.read_versions`, their figures from their tags) and picks the most accurate
+one still on the Pareto front within a GFLOPs budget; `dynroute select` prints it and
+`dynroute predict` loads it by its `uri`. The registry itself is the source of truth, so the
+answer follows the front as `dynroute register` moves it, without a pareto.json at hand.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from dynroute.platform.front import RegistryError
-from dynroute.platform.registry import read_versions
+from dynroute.platform.registered_versions import read_versions
 
 __all__ = ["Selection", "select_version"]
 
