@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import conv_bn, init_weights, separable
@@ -84,8 +85,12 @@ class Cell(nn.Module):
         """p = 1 − drop_prob·((l+1)/L)·(step/max_step)."""
         return 1.0 - self.drop_prob * self.depth_rate * progress
 
-    def forward(self, x: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, progress: float = 0.0, *,
+                relu: bool = False) -> torch.Tensor:
+        """H = op(X) + X (B, C, h, w); ReLU(H) when `relu` (what every transform of the node reads,
+        so an inference copy can fuse the sum and the ReLU into its last conv: fusion.py)."""
         branch = self.op(x)  # (B, C, h, w)
         if self.training and self.drop_prob > 0:
             branch = drop_path(branch, self.keep_prob(progress))
-        return branch + x
+        h = branch + x
+        return F.relu(h) if relu else h

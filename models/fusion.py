@@ -15,10 +15,16 @@ plus the BN it absorbed, and the `nn.Identity` left in the BN's place counts not
 tables (and the real GFLOPs users see) do not change with folding. The Sequentials keep their
 length, so indexing into them (`gate.features[-1]`, `levels[k][0]`) still finds the same layers.
 
-`fuse_conv_relu` goes one step further on a folded copy: a folded conv followed by a ReLU becomes
-one `FusedConvReLU`, which on CUDA is cuDNN's fused conv + bias + ReLU (one launch and one pass
-over the output instead of two). On other devices it runs the conv and the ReLU as before, so a
-CPU checks the rewrite, not the fused kernel. Not a default: its GPU speed is unmeasured.
+`fuse_conv_relu` goes one step further on a folded copy, with cuDNN's fused kernels on CUDA:
+
+    folded conv → ReLU                  one `FusedConvReLU`: conv + bias + ReLU, one launch and one
+                                        pass over the output instead of two
+    cell: ReLU(last conv(·) + X)        one conv + bias + residual + ReLU (`ResidualReLUCell`),
+                                        what every node's transforms read: one launch and one pass
+                                        instead of three (`cudnn_convolution_add_relu`)
+
+On other devices both run the conv, the sum and the ReLU as before, so a CPU checks the rewrite,
+not the fused kernels. Not a default: their GPU speed is unmeasured.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cell import Cell
 
 
 class FoldedConv2d(nn.Conv2d):
@@ -42,6 +50,24 @@ class FusedConvReLU(FoldedConv2d):
             return torch.cudnn_convolution_relu(x, self.weight, self.bias, self.stride,
                                                 self.padding, self.dilation, self.groups)
         return F.relu(super().forward(x))
+
+
+class ResidualReLUCell(Cell):
+    """A folded cell whose ReLU(H) = ReLU(last conv(·) + X) is one cuDNN call on CUDA; H alone
+    (`relu=False`) is computed as by `Cell`. Inference only: no drop path."""
+
+    def forward(self, x: torch.Tensor, progress: float = 0.0, *,
+                relu: bool = False) -> torch.Tensor:
+        if not relu:
+            return super().forward(x, progress)
+        *body, last, _ = self.op  # the last folded conv, then the identity its BN left
+        y = x
+        for layer in body:
+            y = layer(y)
+        if x.is_cuda and last.padding_mode == "zeros":
+            return torch.cudnn_convolution_add_relu(y, last.weight, x, 1.0, last.bias, last.stride,
+                                                    last.padding, last.dilation, last.groups)
+        return F.relu(last(y) + x)
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> FoldedConv2d:
@@ -91,11 +117,16 @@ def has_batchnorm(network: nn.Module) -> bool:
 
 def fuse_conv_relu(folded: nn.Module) -> nn.Module:
     """An inference copy of a folded network (`fold_batchnorm`) with every folded conv →
-    (identity left by its BN) → ReLU run as one `FusedConvReLU`; the ReLU's place becomes an
-    identity, so the Sequentials keep their length and the cost model counts the same."""
+    (identity left by its BN) → ReLU run as one `FusedConvReLU`, and every cell ending in a
+    folded conv run as a `ResidualReLUCell`. The ReLU's place becomes an identity and the cells
+    keep their layers, so the Sequentials keep their length and the cost model counts the same."""
     if has_batchnorm(folded):
         raise ValueError("fuse_conv_relu needs a network with its BN folded (fold_batchnorm)")
     fused = copy.deepcopy(folded).eval()
+    for cell in [m for m in fused.modules() if type(m) is Cell]:
+        if (len(cell.op) >= 2 and type(cell.op[-2]) is FoldedConv2d
+                and type(cell.op[-1]) is nn.Identity):
+            cell.__class__ = ResidualReLUCell  # same layers and state, fused forward (a copy)
     for block in [m for m in fused.modules() if isinstance(m, nn.Sequential)]:
         for i in range(2, len(block)):
             conv, gap, relu = block[i - 2], block[i - 1], block[i]

@@ -197,7 +197,7 @@ def _node_hard(node: Node, idx: list[int] | None, x: torch.Tensor, alpha: torch.
         _deposit(received, keep.target, _take(x, rest, x.shape[0]), _select(idx, rest), batch)
     if not act:
         return
-    r = F.relu(node.cell(_take(x, act, x.shape[0])))  # (n_active, C, h, w): ReLU(H), shared
+    r = node.cell(_take(x, act, x.shape[0]), relu=True)  # (n_active, C, h, w): ReLU(H), shared
     a = _take(alpha, act, x.shape[0])  # (n, g)
     columns = a.view(*a.shape, 1, 1, 1).unbind(1)  # g × (n, 1, 1, 1)
     for j, path in enumerate(node.paths):

@@ -9,9 +9,10 @@ Training-time forward (Eq. 4 with the all-closed residual of Eq. 6), per sample 
 
 Everything is computed in training. The inference forward that really skips closed cells and
 paths per sample lives in `network.py`, which owns the batch bookkeeping. Both apply the ReLU that
-every transform starts with once per node (`transforms.SharedReLU`): two passes over H fewer per
-node and, in training, ~10% fewer activations kept for the backward pass (L=16, C₀=8, batch 2 of
-256×256: 90.5 instead of 100.4 MiB).
+every transform starts with once per node (`transforms.SharedReLU`), asking the cell for ReLU(H)
+(`cell(x, relu=True)`, which an inference copy can fuse into its last conv: `fusion.py`): two
+passes over H fewer per node and, in training, ~10% fewer activations kept for the backward pass
+(L=16, C₀=8, batch 2 of 256×256: 90.5 instead of 100.4 MiB).
 
 Each Y_j is added straight into the input of the node it reaches, since that input is their sum
 (Eq. 4), in as few passes over full-size maps as the maths allows: products with α and sums took
@@ -25,7 +26,6 @@ the step keeps 7% fewer activations for the backward pass (161 instead of 174 Mi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cell import Cell
@@ -75,9 +75,8 @@ class Node(nn.Module):
         """Soft forward (Eq. 4 and the residual of Eq. 6): adds each Y_j to `received[target_j]`
         (set when absent) and returns α (B, g)."""
         alpha = self.gate(x)  # (B, g)
-        h = self.cell(x, progress)  # (B, C, h, w)
+        r = self.cell(x, progress, relu=True)  # (B, C, h, w): the ReLU(H) every transform reads
         closed = (alpha.sum(dim=1) < self.closed_threshold).to(x.dtype)  # (B,)
-        r = F.relu(h)  # the ReLU every transform starts with, once for all paths
         columns = alpha.view(*alpha.shape, 1, 1, 1).unbind(1)  # g × (B, 1, 1, 1)
         for path, a in zip(self.paths, columns, strict=True):
             y = self.add_path(path.direction, r, a, received.get(path.target))

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from dynroute.models.cell import CELL_OPS
+from dynroute.models.cell import CELL_OPS, Cell
 from dynroute.models.fusion import (
     FoldedConv2d,
     FusedConvReLU,
+    ResidualReLUCell,
     fold_batchnorm,
     fold_conv_bn,
     fuse_conv_relu,
@@ -127,12 +128,29 @@ def test_conv_relu_fusion_computes_and_costs_what_the_folded_network_does(cell, 
     assert sum(type(m) is nn.ReLU for m in fused.modules()) == relus - fused_convs
     assert sum(type(m) is FoldedConv2d for m in folded.modules()) == fused_convs + sum(
         type(m) is FoldedConv2d for m in fused.modules()), "the other folded convs stay"
+    cells = sum(type(m) is Cell for m in folded.modules())
+    assert cells > 0 and sum(type(m) is Cell for m in fused.modules()) == 0
+    assert sum(type(m) is ResidualReLUCell for m in fused.modules()) == cells
     with torch.inference_mode():
         for skip in (False, True):
             plain, fast = folded(images, skip=skip), fused(images, skip=skip)
             assert torch.equal(fast.logits, plain.logits)  # on a CPU: the same conv, then ReLU
     for height, width in ((64, 96), (1024, 2048)):
         assert fused.cost_model(height, width) == folded.cost_model(height, width)
+
+
+@pytest.mark.parametrize("cell", sorted(CELL_OPS))
+def test_a_fused_cell_computes_h_and_relu_h(cell):
+    net = fold_batchnorm(trained_statistics(tiny_network(cell=cell)).eval())
+    plain = net.node((0, 0)).cell
+    fused = fuse_conv_relu(net).node((0, 0)).cell
+    assert type(fused) is ResidualReLUCell
+    x = torch.randn(2, plain.op[0].in_channels, 16, 16)
+    with torch.inference_mode():
+        h = plain(x)
+        assert torch.equal(fused(x), h)
+        assert torch.equal(fused(x, relu=True), torch.relu(h))
+        assert (h < 0).any(), "the ReLU has something to do"
 
 
 def test_conv_relu_fusion_keeps_the_weights_layout():
