@@ -668,7 +668,8 @@ class InferCase:
     mode: str | None = None
     hard: bool = True
     fold_bn: bool = False  # every BN folded into its conv (models/fusion.py)
-    # then each folded conv → ReLU as one cuDNN conv + bias + ReLU call (fusion.fuse_conv_relu)
+    # then each folded conv → ReLU, and each cell's last conv + residual + ReLU, as one cuDNN
+    # call (fusion.fuse_conv_relu)
     fuse_relu: bool = False
     cudnn_benchmark: bool = False
     graph: bool = False  # the (static) forward captured once per batch shape as a CUDA graph
