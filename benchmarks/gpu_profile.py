@@ -24,32 +24,22 @@ own CPU time and the busy share is not printed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-HERE = Path(__file__).resolve().parent
+from speed import common, inference, training
+
 SECTIONS = ("infer", "graph", "train")
 TOP = 14  # operators listed per profile
 PROFILED_CALLS = 3
 TIMED_CALLS = 10
-
-
-def load_bench() -> ModuleType:
-    """gpu_bench.py, for its sizes, cases, network builders and training step."""
-    spec = importlib.util.spec_from_file_location("_gpu_profile_bench", HERE / "gpu_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module
 
 
 def _device_time(event) -> float:
@@ -120,9 +110,8 @@ def profile_calls(fn: Callable[[], object], device, calls: int = PROFILED_CALLS)
     return summarize(prof, calls, cuda=device.cuda)
 
 
-def wall_ms(fn: Callable[[], object], device, bench: ModuleType, calls: int = TIMED_CALLS
-            ) -> float:
-    return bench.median_time(fn, device, calls) * 1e3
+def wall_ms(fn: Callable[[], object], device, calls: int = TIMED_CALLS) -> float:
+    return common.median_time(fn, device, calls) * 1e3
 
 
 def report(title: str, wall: float, summary: dict, cuda: bool) -> None:
@@ -144,20 +133,20 @@ INFER_CASES = ("eager fp32 (baseline)", "folded BN + CL (default)",
                "folded BN + bf16 w + CL + cudnn.bm")
 
 
-def run_infer(bench: ModuleType, sizes, device) -> dict:
-    net = bench.open_network(sizes, device)
-    one = bench.inference_images(sizes, device, 1)
+def run_infer(sizes, device) -> dict:
+    net = inference.open_network(sizes, device)
+    one = inference.inference_images(sizes, device, 1)
     results = {}
-    for case in bench.INFER_CASES:
+    for case in inference.INFER_CASES:
         if case.name not in INFER_CASES or (case.cuda_only and not device.cuda):
             continue
         saved = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = case.cudnn_benchmark or saved
         try:
-            runner = bench.InferRunner(net, case, backend=sizes.compile_backend)
+            runner = inference.InferRunner(net, case, backend=sizes.compile_backend)
             for _ in range(3):
                 runner(one)  # warm-up (cuDNN's algorithm search with cudnn.benchmark)
-            wall = wall_ms(lambda r=runner: r(one), device, bench)
+            wall = wall_ms(lambda r=runner: r(one), device)
             summary = profile_calls(lambda r=runner: r(one), device)
         finally:
             torch.backends.cudnn.benchmark = saved
@@ -169,23 +158,23 @@ def run_infer(bench: ModuleType, sizes, device) -> dict:
     return results
 
 
-def run_graph(bench: ModuleType, sizes, device) -> dict:
+def run_graph(sizes, device) -> dict:
     """The static soft forward (folded BN, channels-last, fp32) eager vs replayed as one CUDA
     graph: the gap is what the host's launches cost at batch 1."""
     if not device.cuda:
         print("\n(graph) skipped: CUDA graphs need a CUDA device")
         return {}
-    net = bench.open_network(sizes, device)
-    one = bench.inference_images(sizes, device, 1)
+    net = inference.open_network(sizes, device)
+    one = inference.inference_images(sizes, device, 1)
     runners = {}
     for graph in (False, True):
-        case = bench.InferCase("static soft, folded BN + CL", channels_last=True, fold_bn=True,
+        case = inference.InferCase("static soft, folded BN + CL", channels_last=True, fold_bn=True,
                                hard=False, graph=graph)
-        runners[graph] = bench.InferRunner(net, case)
+        runners[graph] = inference.InferRunner(net, case)
     eager_logits, graph_logits = (runners[g].logits(one) for g in (False, True))
     diff = ((graph_logits - eager_logits).abs().max() / eager_logits.abs().max()).item()
-    eager = wall_ms(lambda: runners[False](one), device, bench)
-    replay = wall_ms(lambda: runners[True](one), device, bench)
+    eager = wall_ms(lambda: runners[False](one), device)
+    replay = wall_ms(lambda: runners[True](one), device)
     print(f"\n(graph) static soft forward, folded BN + CL fp32, batch 1: eager {eager:.2f} ms, "
           f"one CUDA graph {replay:.2f} ms ({eager / replay:.2f}x); logits max |Δ| / max |ref| "
           f"{diff:.1e}")
@@ -195,21 +184,21 @@ def run_graph(bench: ModuleType, sizes, device) -> dict:
 TRAIN_CASES = ("channels-last", "bf16 autocast + channels-last")
 
 
-def run_train(bench: ModuleType, sizes, device) -> dict:
+def run_train(sizes, device) -> dict:
     from dynroute.models import build_network
 
-    setup = bench.make_train_setup(sizes, device)
+    setup = training.make_train_setup(sizes, device)
     results = {}
-    for case in bench.TRAIN_CASES:
+    for case in training.TRAIN_CASES:
         if case.name not in TRAIN_CASES:
             continue
-        torch.manual_seed(bench.SEED)
-        net = build_network(bench._network_config(sizes, small_gate=sizes.small_gate))
+        torch.manual_seed(common.SEED)
+        net = build_network(common.network_config(sizes, small_gate=sizes.small_gate))
         net = net.to(device.torch).train().to(memory_format=torch.channels_last)
-        step = bench.TrainStep(net, case, setup)
+        step = training.TrainStep(net, case, setup)
         for _ in range(3):
             step()
-        wall = wall_ms(step, device, bench, calls=5)
+        wall = wall_ms(step, device, calls=5)
         summary = profile_calls(step, device, calls=2)
         report(f"(train) {case.name}: batch {sizes.train_batch} of "
                f"{sizes.crop[0]}x{sizes.crop[1]}, {sizes.train_batch / wall * 1e3:.1f} images/s",
@@ -228,13 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only this section (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
-    bench = load_bench()
-    device = bench._select_device(args.device)
+    device = common.select_device(args.device)
     if not device.cuda:
         torch.set_num_threads(1)
-    bench.load_models()
-    bench.configure_torch()
-    sizes = bench.sizes_for(device, args.smoke)
+    common.load_models()
+    common.configure_torch()
+    sizes = common.sizes_for(device, args.smoke)
     name = torch.cuda.get_device_name(device.torch) if device.cuda else "CPU"
     print(f"gpu_profile: torch {torch.__version__} on {name}; L={sizes.layers}, "
           f"C0={sizes.base_channels}")
@@ -245,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and section not in args.only:
             continue
         try:
-            results[section] = runs[section](bench, sizes, device)
+            results[section] = runs[section](sizes, device)
         except Exception as err:  # report it, keep the other sections
-            print(f"\n({section}) failed: {bench._reason(err)}")
-            results[section] = {"failed": bench._reason(err)}
+            print(f"\n({section}) failed: {common.describe_error(err)}")
+            results[section] = {"failed": common.describe_error(err)}
         sys.stdout.flush()
     print(f"\nruntime {time.perf_counter() - started:.0f}s")
     if args.json:

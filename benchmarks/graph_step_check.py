@@ -24,18 +24,16 @@ import importlib.machinery
 import importlib.util
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from speed.common import ROOT, load_models, select_device
 
 
-def load_platform(bench) -> None:
-    """Register ../platform as `dynroute.platform` (its step modules import torch and
-    dynroute.models only), after gpu_bench has registered ../models as `dynroute.models`."""
-    bench.load_models()
+def load_platform() -> None:
+    """Register ../models as `dynroute.models` (as gpu_bench.py does) and ../platform as
+    `dynroute.platform` (its step modules import torch and dynroute.models only)."""
+    load_models()
     if "dynroute.platform" not in sys.modules:
         spec = importlib.machinery.ModuleSpec("dynroute.platform", None, is_package=True)
         module = importlib.util.module_from_spec(spec)
@@ -91,14 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=1e-2,
                         help="max |Δ| / max |eager| allowed for figures and weights")
     args = parser.parse_args(argv)
-    spec = importlib.util.spec_from_file_location("_graph_check_bench", HERE / "gpu_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
-    device = bench._select_device(args.device).torch
+    device = select_device(args.device).torch
     if device.type == "cpu":
         torch.set_num_threads(1)
-    load_platform(bench)
+    load_platform()
     started = time.perf_counter()
     eager_figures, eager_weights, _ = run(device, graphed=False, steps=args.steps,
                                           size=args.size)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,21 +20,22 @@ from dynroute.models import NetworkConfig, build_network
 from dynroute.models.gate import pin_gate
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_bench.py"
-# What the script reads from the repository: the model package and the two scripts it reuses.
-NEEDED = ("benchmarks/gpu_bench.py", "benchmarks/dynamic_inference.py", "platform/recipe.py",
-          "platform/cuda_graph.py")
+# What the script reads from the repository: the model package, its own parts and the two scripts
+# it reuses.
+PARTS = tuple(f"benchmarks/speed/{p.name}" for p in (ROOT / "benchmarks" / "speed").glob("*.py"))
+NEEDED = ("benchmarks/gpu_bench.py", *PARTS, "benchmarks/dynamic_inference.py",
+          "platform/recipe.py", "platform/cuda_graph.py")
 # And what the profile and the graph-step check read besides.
 NEEDED_BESIDE = ("benchmarks/gpu_profile.py", "benchmarks/graph_step_check.py",
                  "platform/train_step.py", "platform/fast_path.py")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gpu_bench_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look the module up
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def speed(monkeypatch) -> SimpleNamespace:
+    """The benchmark's parts (benchmarks/speed), imported as the scripts beside them do."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return SimpleNamespace(**{part: importlib.import_module(f"speed.{part}")
+                              for part in ("common", "training", "inference", "dynamic")})
 
 
 def _torch_only_site(dest: Path) -> Path:
@@ -74,7 +76,7 @@ def _checkout_copy(dest: Path, needed: tuple[str, ...] = NEEDED) -> Path:
 
 
 @pytest.mark.slow
-def test_smoke_run_needs_only_torch_and_uses_the_models_folder_next_to_it(tmp_path):
+def test_smoke_run_needs_only_torch_and_uses_the_models_folder_next_to_it(tmp_path, speed):
     work = _checkout_copy(tmp_path / "checkout")
     site = _torch_only_site(tmp_path / "site")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
@@ -97,11 +99,10 @@ def test_smoke_run_needs_only_torch_and_uses_the_models_folder_next_to_it(tmp_pa
     assert f"models loaded from {work / 'models'} (as dynroute.models)" in res.stdout
     assert "PyYAML absent" in res.stdout
 
-    bench = _load_script()
     results = json.loads(out.read_text())["results"]
     assert results["train"][0]["case"] == "eager fp32 (baseline)"
-    expected = {"train": [c.name for c in bench.TRAIN_CASES if not c.cuda_only],
-                "infer": [c.name for c in bench.INFER_CASES if not c.cuda_only]}
+    expected = {"train": [c.name for c in speed.training.TRAIN_CASES if not c.cuda_only],
+                "infer": [c.name for c in speed.inference.INFER_CASES if not c.cuda_only]}
     for section, names in expected.items():
         assert [r["case"] for r in results[section]] == names
         for row in results[section]:
@@ -119,9 +120,9 @@ def test_smoke_run_needs_only_torch_and_uses_the_models_folder_next_to_it(tmp_pa
     train = {r["case"]: r["extra"] for r in results["train"]}
     assert train["eager fp32 (baseline)"]["ops"] > base
     assert 0 < train["bf16 autocast"]["saved_mib"] < train["eager fp32 (baseline)"]["saved_mib"]
-    mixed = [r for r in results["dynamic"] if r["case"] == bench.MIXED_CASE]
+    mixed = [r for r in results["dynamic"] if r["case"] == speed.dynamic.MIXED_CASE]
     assert len(mixed) == 1 and mixed[0]["check"]["ok"], mixed
-    timed = [r for r in results["dynamic"] if r["case"] != bench.MIXED_CASE]
+    timed = [r for r in results["dynamic"] if r["case"] != speed.dynamic.MIXED_CASE]
     scenarios = {r["extra"]["scenario"] for r in timed}
     assert scenarios == {"all-open", "no-up-down", "alternate-rows", "random-40"}
     assert all(r["status"] == "ok" for r in timed)
@@ -163,18 +164,18 @@ def test_profile_and_graph_step_check_need_only_torch(tmp_path):
     assert "OK: worst" in res.stdout and "budget term on in some steps: True" in res.stdout
 
 
-def test_saved_activation_count_frees_what_it_measured():
+def test_saved_activation_count_frees_what_it_measured(speed):
     """Counting the kept activations must not keep them: it once held every case's
     activations through a reference cycle (+22 GiB per training case on a GPU)."""
     import gc
 
-    bench = _load_script()
-    bench.load_models()
-    device = bench.Device(torch.device("cpu"))
-    sizes = bench.sizes_for(device, smoke=True)
-    setup = bench.make_train_setup(sizes, device)
-    net = build_network(bench._network_config(sizes, small_gate=False)).train()
-    step = bench.TrainStep(net, bench.TRAIN_CASES[0], setup)
+    common, training = speed.common, speed.training
+    common.load_models()
+    device = common.Device(torch.device("cpu"))
+    sizes = common.sizes_for(device, smoke=True)
+    setup = training.make_train_setup(sizes, device)
+    net = build_network(common.network_config(sizes, small_gate=False)).train()
+    step = training.TrainStep(net, training.TRAIN_CASES[0], setup)
 
     def live() -> int:
         gc.collect()
@@ -194,20 +195,20 @@ def _open_tiny_network():
     return net
 
 
-def test_numerics_check_sees_layout_as_equal_and_bf16_as_close_but_different():
-    bench = _load_script()
+def test_numerics_check_sees_layout_as_equal_and_bf16_as_close_but_different(speed):
+    common, inference = speed.common, speed.inference
     net = _open_tiny_network()
     torch.manual_seed(1)
     images = torch.randn(2, 3, 64, 96) * 40.0  # (B, 3, H, W)
 
-    reference = bench.InferRunner(net, bench.InferCase("fp32")).logits(images)
-    channels_last = bench.InferRunner(net, bench.InferCase("cl", channels_last=True))
-    bf16 = bench.InferRunner(net, bench.InferCase("bf16", bf16_weights=True,
+    reference = inference.InferRunner(net, inference.InferCase("fp32")).logits(images)
+    channels_last = inference.InferRunner(net, inference.InferCase("cl", channels_last=True))
+    bf16 = inference.InferRunner(net, inference.InferCase("bf16", bf16_weights=True,
                                                   channels_last=True))
 
-    same = bench.compare(channels_last.logits(images), reference, tol=bench.FP32_RTOL)
+    same = common.compare(channels_last.logits(images), reference, tol=common.FP32_RTOL)
     assert same.rel < 1e-5 and same.ok
-    close = bench.compare(bf16.logits(images), reference, tol=bench.BF16_RTOL)
+    close = common.compare(bf16.logits(images), reference, tol=common.BF16_RTOL)
     assert close.rel > 1e-4, "bf16 weights should change the logits"
     assert close.ok
     # The runners worked on copies: the source network is untouched.
@@ -215,12 +216,12 @@ def test_numerics_check_sees_layout_as_equal_and_bf16_as_close_but_different():
     assert first.dtype == torch.float32 and first.is_contiguous()
 
 
-def test_compare_fails_on_wrong_or_nan_results():
-    bench = _load_script()
+def test_compare_fails_on_wrong_or_nan_results(speed):
+    common = speed.common
     ref = torch.linspace(-3.0, 5.0, 100)
-    assert bench.compare(ref.clone(), ref, tol=bench.FP32_RTOL).rel == 0.0
-    off = bench.compare(ref * 1.01, ref, tol=bench.FP32_RTOL)
+    assert common.compare(ref.clone(), ref, tol=common.FP32_RTOL).rel == 0.0
+    off = common.compare(ref * 1.01, ref, tol=common.FP32_RTOL)
     assert not off.ok and off.max_abs == pytest.approx(0.05, rel=1e-3)
-    assert not bench.compare(torch.full_like(ref, float("nan")), ref, tol=bench.BF16_RTOL).ok
+    assert not common.compare(torch.full_like(ref, float("nan")), ref, tol=common.BF16_RTOL).ok
     with pytest.raises(ValueError, match="shapes differ"):
-        bench.compare(ref[:10], ref, tol=bench.FP32_RTOL)
+        common.compare(ref[:10], ref, tol=common.FP32_RTOL)
