@@ -3,6 +3,8 @@ at the issue's sizes on CUDA, the reference implementation's figures and the goa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .common import Check, Device, Row, Sizes
 from .dynamic import DYNAMIC_TOLERANCE, MIXED_CASE
 from .training import BUDGET_NAME, CHECK_STEPS, GRAD_CLIP
@@ -45,6 +47,13 @@ def _train_check_cells(row: Row) -> list[str]:
     return cells
 
 
+def _lines(rows: list[Row], cells: Callable[[Row], list[str]]) -> list[list[str]]:
+    """A table's lines: `cells(row)` for each measured case, the status of a failed or skipped
+    one (the mixed-routes check is reported below the dynamic table instead)."""
+    return [cells(r) if r.status == "ok" else [r.case, r.status]
+            for r in rows if r.case != MIXED_CASE]
+
+
 def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     full = [r for r in rows if len(r) == len(headers)]
     widths = [max(len(h), *(len(r[i]) for r in full)) for i, h in enumerate(headers)]
@@ -64,19 +73,11 @@ def report_train(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
     refs = REFERENCE["train"] if device.cuda and reference_sizes else {}
     headers = ["case", "img/s", "speedup", "ms/step", "ops", "peak MiB", "saved MiB", "1st step s",
                "losses Δ rel", "grad Δ rel (L2)"] + (["ref img/s"] if refs else [])
-    table = []
-    for r in rows:
-        if r.case == MIXED_CASE:
-            continue
-        if r.status != "ok":
-            table.append([r.case, r.status])
-            continue
-        table.append([r.case, _fmt(r.images_per_s, ".2f"),
-                      _ratio(r.images_per_s, base.images_per_s), _fmt(r.ms, ".1f"),
-                      _fmt(r.extra.get("ops"), "d"), _fmt(r.peak_mib, ".0f"),
-                      _fmt(r.extra.get("saved_mib"), ".1f"),
-                      _fmt(r.first_s, ".1f"), *_train_check_cells(r)]
-                     + ([_ref(refs, r.case)] if refs else []))
+    table = _lines(rows, lambda r: [
+        r.case, _fmt(r.images_per_s, ".2f"), _ratio(r.images_per_s, base.images_per_s),
+        _fmt(r.ms, ".1f"), _fmt(r.extra.get("ops"), "d"), _fmt(r.peak_mib, ".0f"),
+        _fmt(r.extra.get("saved_mib"), ".1f"), _fmt(r.first_s, ".1f"), *_train_check_cells(r),
+        *([_ref(refs, r.case)] if refs else [])])
     h, w = sizes.crop
     print_table(f"(a) training step: L={sizes.layers}, C0={sizes.base_channels}, batch "
                 f"{sizes.train_batch}, {h}x{w}, SGD + {BUDGET_NAME} budget loss + clip "
@@ -102,18 +103,11 @@ def report_infer(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
     headers = ["case", "b1 ms", "speedup", f"b{sizes.infer_batch} img/s", "speedup", "b1 ops",
                "peak MiB", "1st call s", "logits Δ abs", "Δ rel", "check"] + (
                    ["ref ms"] if refs else [])
-    table = []
-    for r in rows:
-        if r.case == MIXED_CASE:
-            continue
-        if r.status != "ok":
-            table.append([r.case, r.status])
-            continue
-        table.append([r.case, _fmt(r.ms, ".2f"), _ratio(base.ms, r.ms),
-                      _fmt(r.images_per_s, ".2f"), _ratio(r.images_per_s, base.images_per_s),
-                      _fmt(r.extra.get("ops"), "d"), _fmt(r.peak_mib, ".0f"),
-                      _fmt(r.first_s, ".1f"), *_check_cells(r.check)]
-                     + ([_ref(refs, r.case)] if refs else []))
+    table = _lines(rows, lambda r: [
+        r.case, _fmt(r.ms, ".2f"), _ratio(base.ms, r.ms), _fmt(r.images_per_s, ".2f"),
+        _ratio(r.images_per_s, base.images_per_s), _fmt(r.extra.get("ops"), "d"),
+        _fmt(r.peak_mib, ".0f"), _fmt(r.first_s, ".1f"), *_check_cells(r.check),
+        *([_ref(refs, r.case)] if refs else [])])
     h, w = sizes.infer_size
     print_table(f"(b) inference, every path open: L={sizes.layers}, C0={sizes.base_channels}, "
                 f"{h}x{w}; latency at batch 1, throughput at batch {sizes.infer_batch}, median "
@@ -135,17 +129,10 @@ def report_infer(rows: list[Row], sizes: Sizes, device: Device, reference_sizes:
 def report_dynamic(rows: list[Row], sizes: Sizes) -> None:
     headers = ["path / scenario", "GFLOPs", "FLOPs ratio", "ms", "latency ratio", "lat/FLOPs",
                f"within {DYNAMIC_TOLERANCE:.0%}", "host waits"]
-    table = []
-    for r in rows:
-        if r.case == MIXED_CASE:
-            continue
-        if r.status != "ok":
-            table.append([r.case, r.status])
-            continue
-        e = r.extra
-        table.append([r.case, f"{e['gflops']:.3g}", f"{e['flops_ratio']:.3f}", f"{r.ms:.2f}",
-                      f"{e['latency_ratio']:.3f}", f"{e['latency_over_flops']:.3f}",
-                      "✓" if e["within_tolerance"] else "✗", _fmt(e["host_waits"], "d")])
+    table = _lines(rows, lambda r: [
+        r.case, f"{r.extra['gflops']:.3g}", f"{r.extra['flops_ratio']:.3f}", f"{r.ms:.2f}",
+        f"{r.extra['latency_ratio']:.3f}", f"{r.extra['latency_over_flops']:.3f}",
+        "✓" if r.extra["within_tolerance"] else "✗", _fmt(r.extra["host_waits"], "d")])
     h, w = sizes.infer_size
     repeats = max((r.repeats for r in rows), default=0)
     print_table(f"(c) dynamic savings: routes pinned through the real gates, batch 1, {h}x{w}, "
