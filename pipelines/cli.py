@@ -14,7 +14,13 @@ from dynroute.models.gate import GATE_KINDS
 from dynroute.models.static_routes import STATIC_ROUTES
 from dynroute.models.summary import summarize
 from dynroute.pipelines import cli_registry
-from dynroute.pipelines.cli_common import InferenceFast, fail, load_params, with_inference_fast
+from dynroute.pipelines.cli_common import (
+    InferenceDevice,
+    InferenceFast,
+    fail,
+    load_params,
+    with_inference,
+)
 from dynroute.platform.files import write_json_atomic
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -226,12 +232,13 @@ def evaluate_command(
     save_predictions: Annotated[bool, typer.Option(
         help="Write predictions (Cityscapes: label-id PNGs for the official scripts).")] = False,
     fast: InferenceFast = None,
+    device: InferenceDevice = None,
 ) -> None:
     """mIoU, per-class IoU, real GFLOPs per image, gate usage and latency of a checkpoint."""
 
     from dynroute.pipelines.run import run_evaluation, tracking_uri
 
-    p = with_inference_fast(load_params(params), fast)
+    p = with_inference(load_params(params), fast=fast, device=device)
     try:
         with tracking_uri(p) as uri:
             result = run_evaluation(p, checkpoint=checkpoint, data=str(data), out=out,

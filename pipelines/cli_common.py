@@ -36,14 +36,17 @@ def load_params(path: Path):
                    tune=replace(params.tune, storage=settings.optuna_storage))
 
 
-# --fast/--no-fast of the commands that run inference (evaluate, predict)
+# --fast/--no-fast and --device of the commands that run inference (evaluate, predict)
 InferenceFast = Annotated[bool | None, typer.Option(
     "--fast/--no-fast", help="Override evaluate.fast: channels-last inference or the plain "
                              "layout (same results).")]
+InferenceDevice = Annotated[str | None, typer.Option(
+    help="Override evaluate.device: auto (the GPU when torch sees one), cpu, cuda or cuda:N.")]
 
 
-def with_inference_fast(params, fast: bool | None):
+def with_inference(params, *, fast: bool | None, device: str | None):
+    """`params` with the inference options given on the command line."""
     from dataclasses import replace
 
-    return params if fast is None else replace(params, evaluate=replace(params.evaluate,
-                                                                        fast=fast))
+    given = {k: v for k, v in {"fast": fast, "device": device}.items() if v is not None}
+    return replace(params, evaluate=replace(params.evaluate, **given)) if given else params

@@ -10,7 +10,13 @@ from typing import Annotated
 
 import typer
 
-from dynroute.pipelines.cli_common import InferenceFast, fail, load_params, with_inference_fast
+from dynroute.pipelines.cli_common import (
+    InferenceDevice,
+    InferenceFast,
+    fail,
+    load_params,
+    with_inference,
+)
 
 
 def _registry_errors() -> tuple[type[Exception], ...]:
@@ -106,13 +112,14 @@ def predict_command(
     dataset: Annotated[str | None, typer.Option(
         help="cityscapes or voc (colours); default from the model's class count.")] = None,
     fast: InferenceFast = None,
+    device: InferenceDevice = None,
 ) -> None:
     """Segment images with a registered model: colour mask + the route each image took."""
 
     from dynroute.pipelines.registry_stage import run_predict
     from dynroute.pipelines.run import tracking_uri
 
-    p = with_inference_fast(load_params(params), fast)
+    p = with_inference(load_params(params), fast=fast, device=device)
     try:
         with tracking_uri(p) as uri:
             result = run_predict(p, model=model, images=images, out=out, uri=uri,

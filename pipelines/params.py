@@ -74,6 +74,8 @@ class EvaluateParams:
     tta_scales: tuple[float, ...] = ()  # e.g. [0.75, 1.0, 1.25]; empty: single scale
     tta_flip: bool = False
     fast: bool = True  # the device's measured fast path (platform/fast_path.py)
+    device: str = "auto"  # auto: the GPU when torch sees one; cpu, cuda, cuda:N
+    loader_workers: int | None = None  # None: fast_path.loader_workers (CUDA: cores per GPU)
 
 
 @dataclass(frozen=True)

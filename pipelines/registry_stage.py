@@ -57,11 +57,13 @@ def run_predict(params: Params, *, model: str, images: Sequence[Path], out: Path
     and write a colour mask, a route drawing and predictions.json for `images` into `out`.
 
     `dataset` defaults to the one the network's class count implies; the model carries its own
-    configuration, `params` gives the fast path (evaluate.fast).
+    configuration, `params` gives the device and the fast path (evaluate.device, evaluate.fast).
     """
     from dynroute.pipelines.run import load_model
+    from dynroute.platform.fast_path import inference_device
 
+    device = inference_device(params.evaluate.device, key="evaluate.device")
     network, source = load_model(model, tracking_uri=uri)
-    return predict(network, list(images), out,
+    return predict(network.to(device), list(images), out,
                    dataset=dataset or infer_dataset(network.num_classes), model=source,
                    fast=params.evaluate.fast)

@@ -106,9 +106,11 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
     from dynroute.pipelines.progress import Progress
     from dynroute.platform.dataset import ShardDataset
     from dynroute.platform.evaluation import TTA, evaluate
+    from dynroute.platform.fast_path import inference_device
     from dynroute.platform.plots import plot_gate_probability, plot_route
     from dynroute.platform.shards import read_manifest
 
+    device = inference_device(params.evaluate.device, key="evaluate.device")
     network, source = load_model(checkpoint, tracking_uri=uri)
     manifest = read_manifest(data)
     settings = params.evaluate
@@ -122,7 +124,8 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
                       predictions_dir=out / "predictions" if save_predictions else None,
                       prediction_format=manifest.dataset if save_predictions else None,
                       progress=Progress(f"evaluate {settings.split}"), warmup=1,
-                      fast=settings.fast)
+                      fast=settings.fast, device=device,
+                      loader_workers=settings.loader_workers)
     summary = result.to_dict()
     write_json_atomic(out / "metrics.json", summary)
     if metrics is not None:

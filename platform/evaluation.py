@@ -14,6 +14,13 @@ Predictions (optional) are written so that the official tools read them unchange
   PNG with that prefix in the folder.
 - "voc": `{id}.png`, a palette PNG of class indices with the VOC colormap (the devkit's layout).
 
+Reading: on a GPU, decoding the split's images would otherwise keep it idle most of the time: a
+Cityscapes val image and its label (1024×2048 PNGs) take 89 ms to read and decode on one core
+(benchmarks/data_loader.py, 11.2 images/s on this project's 2-core CI machine), and an H200
+segments it in 33 ms (folded BN + channels-last). So `evaluate` reads through a DataLoader with
+loader processes wherever the training would use them (`samples`, `fast_path.loader_workers`:
+the cores per GPU less one on CUDA, none on a CPU, where the cores run the network).
+
 Test-time augmentation averages the *logits* of every scale × flip pass, each resized back to
 the image size. Its cost is the sum over passes, pass s costed at round(H·s) × round(W·s) of the
 declared resolution; its latency is that of all passes together.
@@ -21,6 +28,7 @@ declared resolution; its latency is that of all passes together.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -36,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from dynroute.models import DynamicRoutingNetwork
 from dynroute.models.route_statistics import RouteStatistics
@@ -279,13 +288,37 @@ def _write_prediction(pred: np.ndarray, sample_id: str, out: Path, fmt: Predicti
 
 
 # -- evaluation -------------------------------------------------------------------------------
+def _is_on(module: torch.nn.Module, device: torch.device) -> bool:
+    weight = next(module.parameters(), None)
+    return weight is None or (weight.device.type == device.type
+                              and device.index in (None, weight.device.index))
+
+
+def samples(dataset: Iterable[Mapping], device: torch.device, *, workers: int | None = None
+            ) -> Iterable[Mapping]:
+    """What `evaluate` iterates: `dataset` itself, or a DataLoader decoding its samples one by one
+    in `workers` background processes (into pinned memory for a GPU) while the network runs.
+
+    workers: None for `fast_path.loader_workers(device)` (none on a CPU); only a torch `Dataset`
+    is read through loader processes, any other iterable as it is.
+    """
+    workers = fast_path.loader_workers(device) if workers is None else workers
+    if workers < 0:
+        raise ValueError(f"loader_workers={workers}: use 0 (read in this process) or more")
+    if workers == 0 or not isinstance(dataset, Dataset):
+        return dataset
+    return DataLoader(dataset, batch_size=None, num_workers=workers,
+                      pin_memory=device.type == "cuda")
+
+
 def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_classes: int,
              class_names: Sequence[str], cost_resolution: tuple[int, int],
              device: str | torch.device = "cpu", tta: TTA | None = None,
              predictions_dir: Path | None = None,
              prediction_format: PredictionFormat | None = None,
              progress: Callable[[int, int], None] | None = None, limit: int | None = None,
-             warmup: int = 0, fast: bool = True) -> EvaluationResult:
+             warmup: int = 0, fast: bool = True,
+             loader_workers: int | None = None) -> EvaluationResult:
     """Evaluate `network` on every sample of `dataset`, one image at a time, hard routing.
 
     Args:
@@ -295,7 +328,8 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
         num_classes, class_names: K and the K names used for `per_class_iou`.
         cost_resolution: (H, W) at which real FLOPs are declared (1024×2048 Cityscapes, 512×512
             VOC), whatever the image size.
-        device: where the network runs; the confusion matrix is counted there too.
+        device: where the network runs (a copy of it, when it is elsewhere); the confusion
+            matrix is counted there too. `fast_path.inference_device` picks one.
         tta: test-time augmentation, None for single scale without flip.
         predictions_dir: write the argmax prediction of every image here (see the module doc).
         prediction_format: "cityscapes" (label-id PNGs, needs K = 19) or "voc" (palette PNGs).
@@ -304,6 +338,8 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
         warmup: untimed forwards on the first image (CUDA context, cuDNN autotuning).
         fast: the device's measured fast path (fast_path.py: channels-last, folded BN); False
             runs the plain network. Both compute the same fp32 function (up to rounding).
+        loader_workers: processes that read and decode samples ahead (`samples`); None: none
+            on a CPU, the cores per GPU less one on CUDA.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit}: evaluate at least one image, or pass None for all")
@@ -337,9 +373,11 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
     network.eval()
     layout = fast_path.for_inference(device, fast=fast)
     runner = layout.inference_network(network)  # a folded copy on the fast path
+    if not _is_on(runner, device):  # a copy on `device`; the caller's network stays where it is
+        runner = (copy.deepcopy(runner) if runner is network else runner).to(device)
     try:
         with torch.inference_mode():
-            for sample in dataset:
+            for sample in samples(dataset, device, workers=loader_workers):
                 image = layout.images(  # (1, 3, H, W)
                     sample["image"].to(device, non_blocking=True).unsqueeze(0))
                 label = sample["label"].to(device, non_blocking=True)  # (H, W)

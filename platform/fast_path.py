@@ -96,6 +96,28 @@ def for_inference(device: torch.device, *, fast: bool = True) -> FastPath:
     return FastPath(channels_last=fast, fold_batchnorm=fast)
 
 
+def inference_device(name: str = "auto", *, key: str = "device") -> torch.device:
+    """Where inference runs: "auto" is the first GPU when torch sees one, else the CPU; "cpu",
+    "cuda" and "cuda:N" are taken as they are. `key` names the setting in errors.
+
+    In a Ray task or actor, "auto" finds only the GPUs Ray gave it (Ray sets CUDA_VISIBLE_DEVICES),
+    so a Tune rung that trained on its own GPU evaluates there too."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{key} = {name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= visible:
+            raise ValueError(f"{key} = {name!r}: this machine's PyTorch sees {visible} CUDA "
+                             f"device(s); use auto or cpu")
+    return device
+
+
 # benchmarks/data_loader.py: one core decodes and augments ~21 Cityscapes 768×768 crops/s, far
 # fewer than one GPU trains (72.7 img/s measured on an H200 with the graphed step): a GPU needs
 # loader processes beside its own (8 decode ~170 crops/s).

@@ -114,6 +114,7 @@ def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
     from dynroute.models import build_network
     from dynroute.platform.dataset import ShardDataset
     from dynroute.platform.evaluation import evaluate
+    from dynroute.platform.fast_path import inference_device
     from dynroute.platform.shards import read_manifest
     from dynroute.platform.training import train
 
@@ -135,7 +136,9 @@ def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
                                                     crop=None),
                               num_classes=manifest.num_classes,
                               class_names=manifest.class_names,
-                              cost_resolution=tuple(cost_resolution))
+                              cost_resolution=tuple(cost_resolution),
+                              # a GPU run's rung holds its GPU when it trained in-process
+                              device=inference_device() if spec.use_gpu else "cpu")
         g = result.gflops
         figures = {M.MIOU: result.miou, M.GFLOPS_MEAN: g.mean, M.GFLOPS_MAX: g.max,
                    M.GFLOPS_MIN: g.min, M.GFLOPS_P50: g.p50, M.GFLOPS_P90: g.p90}

@@ -197,3 +197,9 @@ def test_predict_writes_a_colour_mask_and_a_route_drawing_per_image(workspace, r
     no_alias = invoke("predict", "--params", workspace.params, "--model",
                       f"models:/{MODEL}@nope", street, "--out", out)
     assert no_alias.exit_code == 1 and f"models:/{MODEL}@nope" in no_alias.stderr
+    for device, message in (("tpu", "use auto, cpu, cuda or cuda:N"),
+                            (f"cuda:{torch.cuda.device_count()}", "CUDA device(s)")):
+        refused = invoke("predict", "--params", workspace.params, "--model",
+                         f"models:/{MODEL}@knee", street, "--out", out, "--device", device)
+        assert refused.exit_code == 1, refused.output
+        assert f"evaluate.device = '{device}'" in refused.stderr and message in refused.stderr
