@@ -1,6 +1,7 @@
 """`dynroute` as a user runs it: the installed console script, in a subprocess."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,10 @@ DYNROUTE = shutil.which("dynroute", path=str(Path(sys.executable).parent)) or "d
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([DYNROUTE, *args], capture_output=True, text=True, cwd=cwd)
+    # Wide enough that the error panel does not break a long path (a temporary folder under
+    # pytest-xdist) across its lines.
+    env = os.environ | {"COLUMNS": "400"}
+    return subprocess.run([DYNROUTE, *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def test_model_summary_json_reports_params_and_gflops():
