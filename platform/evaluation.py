@@ -6,13 +6,8 @@ TP / (TP + FP + FN), NaN for a class absent from both the ground truth and the p
 non-ignored pixels), mIoU = mean over the non-NaN classes. Cost is the analytic *real* FLOPs of
 the route each image took, at a declared resolution (model.md §7), not at the tensor's size.
 
-Predictions (optional) are written so that the official tools read them unchanged:
-- "cityscapes": `{id}_pred.png`, an 8-bit PNG of Cityscapes *label ids* (train id → label id by
-  the official table). The official matcher (`getPrediction`) looks for exactly one file matching
-  `{city}_{seq}_{frame}*.png` under the results root, and its command-line mode sorts files whose
-  path contains "pred" into the prediction list, so `{id}_pred.png` satisfies both; keep no other
-  PNG with that prefix in the folder.
-- "voc": `{id}.png`, a palette PNG of class indices with the VOC colormap (the devkit's layout).
+Predictions (optional) are written so that the official tools read them unchanged
+(`prediction_files.py`).
 
 Reading: on a GPU, decoding the split's images would otherwise keep it idle most of the time: a
 Cityscapes val image and its label (1024×2048 PNGs) take 89 ms to read and decode on one core
@@ -30,30 +25,30 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dynroute.models import DynamicRoutingNetwork
+from dynroute.models.losses import IGNORE_INDEX
 from dynroute.models.route_statistics import RouteStatistics
 from dynroute.models.routing_space import NodeId
 from dynroute.models.routing_space import Path as RoutePath
 from dynroute.platform import fast_path, metrics
+from dynroute.platform.prediction_files import (
+    PredictionFormat,
+    cityscapes_label_ids,
+    write_prediction,
+)
 
-IGNORE_INDEX = 255
-PredictionFormat = Literal["cityscapes", "voc"]
 PER_IMAGE_COLUMNS = ("id", "gflops", "latency_ms", "pixel_accuracy")
 
 
@@ -247,46 +242,6 @@ def _finite(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-# -- predictions ------------------------------------------------------------------------------
-def cityscapes_label_ids() -> np.ndarray:
-    """(256,) uint8: train id → Cityscapes label id (the official table); 0 elsewhere."""
-    table = np.zeros(256, dtype=np.uint8)
-    for label in _CITYSCAPES_LABELS:
-        if 0 <= label.trainId < IGNORE_INDEX and not label.ignoreInEval:
-            table[label.trainId] = label.id
-    return table
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colormap, flat [r, g, b] × 256 (bits of the index spread over r, g, b)."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for bit in range(8):
-            r |= (c & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-def _write_prediction(pred: np.ndarray, sample_id: str, out: Path, fmt: PredictionFormat,
-                      lookup: np.ndarray | None) -> None:
-    if "/" in sample_id or "\\" in sample_id or sample_id.startswith("."):
-        raise ValueError(f"sample id {sample_id!r} cannot name a prediction file")
-    if fmt == "cityscapes":
-        assert lookup is not None
-        image, name = Image.fromarray(lookup[pred]), f"{sample_id}_pred.png"
-    else:
-        image, name = Image.fromarray(pred), f"{sample_id}.png"
-        image.putpalette(voc_palette())
-    tmp = out / f".{name}.tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, out / name)
-
-
 # -- evaluation -------------------------------------------------------------------------------
 def _is_on(module: torch.nn.Module, device: torch.device) -> bool:
     weight = next(module.parameters(), None)
@@ -403,7 +358,7 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
                 rows.append(ImageRow(id=str(sample["id"]), gflops=gflops, latency_ms=latency,
                                      pixel_accuracy=accuracy))
                 if predictions_dir is not None and prediction_format is not None:
-                    _write_prediction(pred.to(torch.uint8).cpu().numpy(), str(sample["id"]),
+                    write_prediction(pred.to(torch.uint8).cpu().numpy(), str(sample["id"]),
                                       predictions_dir, prediction_format, lookup)
                 if progress is not None:
                     progress(len(rows), total)

@@ -45,7 +45,7 @@ def _colour_mask(pred: np.ndarray, dataset: str) -> Image.Image:
     """(H, W) class indices → an RGB image (Cityscapes) or a VOC-palette PNG image."""
     if dataset == "cityscapes":
         return Image.fromarray(_cityscapes_colours()[pred])
-    from dynroute.platform.evaluation import voc_palette
+    from dynroute.platform.prediction_files import voc_palette
 
     image = Image.fromarray(pred)
     image.putpalette(voc_palette())

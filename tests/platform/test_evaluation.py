@@ -31,8 +31,8 @@ from dynroute.platform.evaluation import (
     ConfusionMatrix,
     evaluate,
     infer,
-    voc_palette,
 )
+from dynroute.platform.prediction_files import voc_palette
 
 COST = (1024, 2048)
 K = len(CITYSCAPES_CLASSES)

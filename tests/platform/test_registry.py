@@ -21,11 +21,11 @@ from PIL import Image
 
 from dynroute.models import NetworkConfig, Route, build_network
 from dynroute.models.routing_space import Path as RoutePath
-from dynroute.platform.evaluation import voc_palette
 from dynroute.platform.front import RegistryError
 from dynroute.platform.pareto import Point, summarize, write_front
 from dynroute.platform.plots import plot_taken_route, taken_route
 from dynroute.platform.predict import PredictError, predict
+from dynroute.platform.prediction_files import voc_palette
 from dynroute.platform.registry import register_front
 from dynroute.platform.selection import select_version
 from dynroute.platform.tracking import MlflowServer, Tracker
