@@ -137,7 +137,9 @@ def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
                               num_classes=manifest.num_classes,
                               class_names=manifest.class_names,
                               cost_resolution=tuple(cost_resolution),
-                              # a GPU run's rung holds its GPU when it trained in-process
+                              # A GPU run's rung holds its GPU when it trained in-process;
+                              # with run.workers ≥ 1 the GPUs were its TorchTrainer's and the
+                              # rung evaluates on its CPUs.
                               device=inference_device() if spec.use_gpu else "cpu")
         g = result.gflops
         figures = {M.MIOU: result.miou, M.GFLOPS_MEAN: g.mean, M.GFLOPS_MAX: g.max,
