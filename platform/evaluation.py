@@ -10,8 +10,8 @@ Predictions (optional) are written so that the official tools read them unchange
 (`prediction_files.py`).
 
 Reading: on a GPU, decoding the split's images would otherwise keep it idle most of the time: a
-Cityscapes val image and its label (1024×2048 PNGs) take 89 ms to read and decode on one core
-(benchmarks/data_loader.py, 11.2 images/s on this project's 2-core CI machine), and an H200
+Cityscapes val image and its label (1024×2048 PNGs) take 85 ms to read and decode on one core
+(benchmarks/data_loader.py, 11.7 images/s on this project's 2-core CI machine), and an H200
 segments it in 33 ms (folded BN + channels-last). So `evaluate` reads through a DataLoader with
 loader processes wherever the training would use them (`samples`, `fast_path.loader_workers`:
 the cores per GPU less one on CUDA, none on a CPU, where the cores run the network).
