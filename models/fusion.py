@@ -58,16 +58,14 @@ class ResidualReLUCell(Cell):
 
     def forward(self, x: torch.Tensor, progress: float = 0.0, *,
                 relu: bool = False) -> torch.Tensor:
-        if not relu:
-            return super().forward(x, progress)
         *body, last, _ = self.op  # the last folded conv, then the identity its BN left
+        if not (relu and x.is_cuda and last.padding_mode == "zeros"):
+            return super().forward(x, progress, relu=relu)  # elsewhere: conv, sum, ReLU
         y = x
         for layer in body:
             y = layer(y)
-        if x.is_cuda and last.padding_mode == "zeros":
-            return torch.cudnn_convolution_add_relu(y, last.weight, x, 1.0, last.bias, last.stride,
-                                                    last.padding, last.dilation, last.groups)
-        return F.relu(last(y) + x)
+        return torch.cudnn_convolution_add_relu(y, last.weight, x, 1.0, last.bias, last.stride,
+                                                last.padding, last.dilation, last.groups)
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> FoldedConv2d:
