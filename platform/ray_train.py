@@ -50,8 +50,9 @@ class FitResult:
     path: str | None  # the run's folder in storage
 
 
-def init_ray(*, num_cpus: int | None = None) -> None:
-    """Connect to RAY_ADDRESS or start a local single-node Ray on 127.0.0.1."""
+def init_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS or start a local single-node Ray on 127.0.0.1 (with `num_cpus`
+    and `num_gpus` when given, else what Ray detects)."""
     import ray
 
     if ray.is_initialized():
@@ -60,7 +61,7 @@ def init_ray(*, num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
 
 
 def fit(train_fn: Callable[[dict], None], *, config: dict, name: str, storage: str,

@@ -2,8 +2,10 @@
 
 `run_trial` is the Tune function. Each rung (train up to the rung, then evaluate on the search
 split) runs as a Ray task, `train_and_evaluate`, that reserves the trial's CPUs (and GPU):
-Ray Train V2's in-process mode refuses to run inside a Tune function. The trial's training run is
-named after the Optuna trial, so running the trial again resumes its checkpoint and MLflow run.
+Ray Train V2's in-process mode refuses to run inside a Tune function. A GPU run on several Ray
+Train workers evaluates in a task of its own that takes a GPU the workers have handed back
+(`rung_evaluation_options`). The trial's training run is named after the Optuna trial, so running
+the trial again resumes its checkpoint and MLflow run.
 """
 
 from __future__ import annotations
@@ -109,41 +111,26 @@ def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
                        cost_resolution: tuple[int, int]) -> dict:
     """Train `spec` up to `stop` (None: the end), evaluate its checkpoint on `split` with hard
     routing, log the figures to its MLflow run; the report (objectives, GFLOPs, step, ids)."""
-    import torch
-
-    from dynroute.models import build_network
-    from dynroute.platform.dataset import ShardDataset
-    from dynroute.platform.evaluation import evaluate
-    from dynroute.platform.fast_path import inference_device
-    from dynroute.platform.shards import read_manifest
-    from dynroute.platform.training import train
-
     spec = TrainSpec.from_dict(spec_dict)
     final = stop is None
     checkpoint = _completed_checkpoint(spec) if final else None
     if checkpoint is None:  # else: trained to the end before a restart; do not log it twice
+        from dynroute.platform.training import train
+
         checkpoint = train(replace(spec, stop_at=stop)).checkpoint
     if checkpoint is None:
         raise RuntimeError(f"training {spec.name} left no checkpoint to evaluate")
     state = ray_train.load_state(str(checkpoint), name=STATE_FILE)
     step, run_id = int(state["step"]), state.get("mlflow_run_id")
     try:
-        network = build_network(spec.network)
-        network.load_state_dict(state["model"])
-        manifest = read_manifest(spec.data)
-        with torch.inference_mode():
-            result = evaluate(network, ShardDataset(root=spec.data, split=split, train=False,
-                                                    crop=None),
-                              num_classes=manifest.num_classes,
-                              class_names=manifest.class_names,
-                              cost_resolution=tuple(cost_resolution),
-                              # A GPU run's rung holds its GPU when it trained in-process;
-                              # with run.workers ≥ 1 the GPUs were its TorchTrainer's and the
-                              # rung evaluates on its CPUs.
-                              device=inference_device() if spec.use_gpu else "cpu")
-        g = result.gflops
-        figures = {M.MIOU: result.miou, M.GFLOPS_MEAN: g.mean, M.GFLOPS_MAX: g.max,
-                   M.GFLOPS_MIN: g.min, M.GFLOPS_P50: g.p50, M.GFLOPS_P90: g.p90}
+        options = rung_evaluation_options(spec)
+        if options is None:  # this task holds the trial's CPUs, and its GPU if it trained here
+            figures = _evaluate(spec, state["model"], split=split,
+                                cost_resolution=cost_resolution)
+        else:
+            task = ray.remote(evaluate_checkpoint).options(**options)
+            figures = ray.get(task.remote(spec_dict, str(checkpoint), split=split,
+                                          cost_resolution=cost_resolution))
         report = figures | {STEP: step, "iterations": spec.recipe.iterations,
                             "checkpoint": str(checkpoint), "mlflow_run_id": run_id or ""}
         check_report(report, where=f"{spec.name} at step {step}")
@@ -153,6 +140,59 @@ def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
     if run_id and spec.tracking.uri:
         _log_evaluation(spec, run_id, figures, step=step, final=final)
     return report
+
+
+def rung_evaluation_options(spec: TrainSpec) -> dict | None:
+    """Ray options of a task of its own for a rung's evaluation, or None: the rung's task
+    evaluates.
+
+    With `run.workers ≥ 1` and GPUs, the GPUs were the TorchTrainer workers', and they are free
+    again once the training returns; the rung's task holds only the trial's CPUs (`tune.py`:
+    the trial's placement group has no GPU then). Evaluated there, a rung would segment the
+    split on the CPU: minutes of a GPU's work as hours. So the evaluation asks Ray for one GPU
+    outside the trial's placement group, and for no CPU: the group's CPUs may be all a node
+    has, and one that waited for a CPU would wait for the end of the search.
+    """
+    if not (spec.use_gpu and spec.workers >= 1):
+        return None
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"num_cpus": 0, "num_gpus": 1, "max_retries": 0,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
+
+
+def evaluate_checkpoint(spec_dict: dict, checkpoint: str, *, split: str,
+                        cost_resolution: tuple[int, int]) -> dict:
+    """The figures of `checkpoint` on `split` (a Ray task of its own: `rung_evaluation_options`)."""
+    spec = TrainSpec.from_dict(spec_dict)
+    state = ray_train.load_state(checkpoint, name=STATE_FILE)
+    return _evaluate(spec, state["model"], split=split, cost_resolution=cost_resolution)
+
+
+def _evaluate(spec: TrainSpec, weights: dict, *, split: str,
+              cost_resolution: tuple[int, int]) -> dict:
+    """mIoU and per-image GFLOPs of the network `weights` on `split`, with hard routing, on the
+    GPU this process holds when the run trains on GPUs (else on the CPU)."""
+    import torch
+
+    from dynroute.models import build_network
+    from dynroute.platform.dataset import ShardDataset
+    from dynroute.platform.evaluation import evaluate
+    from dynroute.platform.fast_path import inference_device
+    from dynroute.platform.shards import read_manifest
+
+    network = build_network(spec.network)
+    network.load_state_dict(weights)
+    manifest = read_manifest(spec.data)
+    with torch.inference_mode():
+        result = evaluate(network, ShardDataset(root=spec.data, split=split, train=False,
+                                                crop=None),
+                          num_classes=manifest.num_classes, class_names=manifest.class_names,
+                          cost_resolution=tuple(cost_resolution),
+                          device=inference_device() if spec.use_gpu else "cpu")
+    g = result.gflops
+    return {M.MIOU: result.miou, M.GFLOPS_MEAN: g.mean, M.GFLOPS_MAX: g.max,
+            M.GFLOPS_MIN: g.min, M.GFLOPS_P50: g.p50, M.GFLOPS_P90: g.p90}
 
 
 def _log_evaluation(spec: TrainSpec, run_id: str, figures: dict, *, step: int,

@@ -52,7 +52,9 @@ How the pieces fit (checked in the installed sources of Ray 2.60 and Optuna 5.0)
   is a Ray task started from the trial: the trial's placement group has an empty head bundle for
   the Tune function and a bundle of `trial_cpus` (and a GPU for in-process GPU training) that
   captures the task. With `workers ≥ 1` the task's `train` starts a TorchTrainer whose workers
-  take their own resources (the Train V2 pattern: one trainer per trial).
+  take their own resources (the Train V2 pattern: one trainer per trial); on GPUs the rung's
+  evaluation then runs in a task of its own, with one GPU and no CPU, outside the trial's group
+  (`trial.rung_evaluation_options`).
 * **Shared start** (warm_start.py, `tune.warm_start`): before the trials, the budget-free first
   ⌊budget_start · iterations⌋ steps that every trial would compute alike are trained once as
   the `{study}-prefix` run (a Ray task, like a rung); each trial's run folder gets a copy of its
