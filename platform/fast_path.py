@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,24 @@ def loader_workers(device: torch.device, *, cores: int | None = None,
     """
     if device.type != "cuda":
         return 0
-    cores = cores if cores is not None else (os.cpu_count() or 1)
-    gpus = gpus if gpus is not None else max(1, torch.cuda.device_count())
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    gpus = gpus if gpus is not None else machine_gpus()
     return max(1, min(MAX_LOADER_WORKERS, cores // max(1, gpus) - 1))
+
+
+def machine_gpus() -> int:
+    """The GPUs of this machine that share its cores.
+
+    A Ray Train worker or task sees only the GPUs Ray gave it (CUDA_VISIBLE_DEVICES): torch
+    counts one there, while its node's other GPUs feed their own workers from the same cores.
+    Under Ray this is the node's GPU count as Ray knows it; elsewhere torch's count.
+    """
+    if "ray" in sys.modules:  # imported by whoever started or joined a cluster
+        import ray
+
+        if ray.is_initialized():
+            here = ray.get_runtime_context().get_node_id()
+            for node in ray.nodes():
+                if node["NodeID"] == here:
+                    return int(node["Resources"].get("GPU", 0))
+    return torch.cuda.device_count()

@@ -109,3 +109,24 @@ def test_a_multi_worker_gpu_rung_reports_what_the_in_task_evaluation_reports(tri
         assert own_task[name] == pytest.approx(in_task[name], rel=1e-6), name
     assert 0.0 <= in_task[M.MIOU] <= 1.0 and in_task[M.GFLOPS_MEAN] > 0
 
+
+def _loader_sizing() -> tuple[list, int, int]:
+    import ray
+    import torch
+
+    from dynroute.platform import fast_path
+
+    return (ray.get_gpu_ids(), fast_path.machine_gpus(),
+            fast_path.loader_workers(torch.device("cuda"), cores=16))
+
+
+@pytest.mark.slow
+def test_a_task_with_one_gpu_sizes_its_loader_by_its_nodes_gpus(ray_with_a_gpu):
+    """torch in a one-GPU task would count one GPU; the node's 16 cores feed both."""
+    import ray
+
+    task = ray.remote(_loader_sizing).options(num_cpus=0, num_gpus=1)
+    gpus, machine, workers = ray.get(task.remote(), timeout=120)
+    assert len(gpus) == 1
+    assert machine == 2
+    assert workers == 16 // 2 - 1
