@@ -10,12 +10,14 @@ from __future__ import annotations
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 
-IGNORE = 255
+from dynroute.platform.shards import IGNORE_INDEX
+
 INVALID = -1  # in a lookup table: a raw value that is not in the dataset's table
 
 CITYSCAPES_CLASSES: tuple[str, ...] = tuple(
-    label.name for label in sorted((lb for lb in _CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE),
-                                   key=lambda lb: lb.trainId))
+    label.name for label in sorted(
+        (lb for lb in _CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE_INDEX),
+        key=lambda lb: lb.trainId))
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -29,7 +31,7 @@ def cityscapes_lookup() -> np.ndarray:
     table = np.full(256, INVALID, dtype=np.int16)
     for label in _CITYSCAPES_LABELS:
         if 0 <= label.id < 256:  # id -1 (license plate) cannot occur in an 8-bit PNG
-            table[label.id] = label.trainId if 0 <= label.trainId < IGNORE else IGNORE
+            table[label.id] = label.trainId if 0 <= label.trainId < IGNORE_INDEX else IGNORE_INDEX
     return table
 
 
@@ -37,7 +39,7 @@ def voc_lookup() -> np.ndarray:
     """(256,) int16: VOC/SBD class index → train id (identity), 255 kept, others INVALID."""
     table = np.full(256, INVALID, dtype=np.int16)
     table[: len(VOC_CLASSES)] = np.arange(len(VOC_CLASSES))
-    table[IGNORE] = IGNORE
+    table[IGNORE_INDEX] = IGNORE_INDEX
     return table
 
 
@@ -51,4 +53,4 @@ def apply_lookup(raw: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, list[i
 def histogram(train_ids: np.ndarray, num_classes: int) -> list[int]:
     """Pixels per train id 0..K-1, then the ignored pixels (K+1 entries)."""
     counts = np.bincount(train_ids.ravel(), minlength=256)
-    return [int(c) for c in counts[:num_classes]] + [int(counts[IGNORE])]
+    return [int(c) for c in counts[:num_classes]] + [int(counts[IGNORE_INDEX])]

@@ -29,10 +29,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dynroute.models.stem import PIXEL_MEAN_BGR
+from dynroute.platform.shards import IGNORE_INDEX
 
 # The reference implementation's scale set (the paper says "0.5 to 2.0").
 SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-IGNORE_LABEL = 255
 FLIP_PROBABILITY = 0.5
 
 _MEAN = np.asarray(PIXEL_MEAN_BGR, dtype=np.float32)  # (3,) BGR
@@ -176,7 +176,7 @@ def _to_tensors(image: np.ndarray, label: np.ndarray, size: tuple[int, int], *,
         out[:, h:, :] = -_MEAN[:, None, None]
     if w < out_w:
         out[:, :h, w:] = -_MEAN[:, None, None]
-    lab = np.full((out_h, out_w), IGNORE_LABEL, np.int64)
+    lab = np.full((out_h, out_w), IGNORE_INDEX, np.int64)
     lab[:h, :w] = label
     return torch.from_numpy(out), torch.from_numpy(lab)
 

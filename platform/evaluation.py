@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dynroute.models import DynamicRoutingNetwork
-from dynroute.models.losses import IGNORE_INDEX
 from dynroute.models.route_statistics import RouteStatistics
 from dynroute.models.routing_space import NodeId
 from dynroute.models.routing_space import Path as RoutePath
@@ -48,6 +47,7 @@ from dynroute.platform.prediction_files import (
     cityscapes_label_ids,
     write_prediction,
 )
+from dynroute.platform.shards import IGNORE_INDEX
 
 PER_IMAGE_COLUMNS = ("id", "gflops", "latency_ms", "pixel_accuracy")
 

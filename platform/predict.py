@@ -30,22 +30,12 @@ class PredictError(ValueError):
 CLASSES = {"cityscapes": 19, "voc": 21}
 
 
-def _cityscapes_colours() -> np.ndarray:
-    """(256, 3) uint8: train id → the official Cityscapes colour (cityscapesscripts' table)."""
-    from cityscapesscripts.helpers.labels import labels
-
-    table = np.zeros((256, 3), dtype=np.uint8)
-    for label in labels:
-        if 0 <= label.trainId < 255 and not label.ignoreInEval:
-            table[label.trainId] = label.color
-    return table
-
-
 def _colour_mask(pred: np.ndarray, dataset: str) -> Image.Image:
     """(H, W) class indices → an RGB image (Cityscapes) or a VOC-palette PNG image."""
+    from dynroute.platform.prediction_files import cityscapes_colours, voc_palette
+
     if dataset == "cityscapes":
-        return Image.fromarray(_cityscapes_colours()[pred])
-    from dynroute.platform.prediction_files import voc_palette
+        return Image.fromarray(cityscapes_colours()[pred])
 
     image = Image.fromarray(pred)
     image.putpalette(voc_palette())

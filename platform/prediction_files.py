@@ -1,5 +1,5 @@
 """Prediction files the official tools read unchanged (evaluation.py writes them; predict.py
-uses the VOC colours).
+uses the Cityscapes and VOC colours).
 
 - "cityscapes": `{id}_pred.png`, an 8-bit PNG of Cityscapes *label ids* (train id → label id by
   the official table). The official matcher (`getPrediction`) looks for exactly one file matching
@@ -19,7 +19,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 from PIL import Image
 
-from dynroute.models.losses import IGNORE_INDEX
+from dynroute.platform.shards import IGNORE_INDEX
 
 PredictionFormat = Literal["cityscapes", "voc"]
 
@@ -27,10 +27,23 @@ PredictionFormat = Literal["cityscapes", "voc"]
 def cityscapes_label_ids() -> np.ndarray:
     """(256,) uint8: train id → Cityscapes label id (the official table); 0 elsewhere."""
     table = np.zeros(256, dtype=np.uint8)
-    for label in _CITYSCAPES_LABELS:
-        if 0 <= label.trainId < IGNORE_INDEX and not label.ignoreInEval:
-            table[label.trainId] = label.id
+    for label in _evaluated_cityscapes_labels():
+        table[label.trainId] = label.id
     return table
+
+
+def cityscapes_colours() -> np.ndarray:
+    """(256, 3) uint8: train id → the official Cityscapes colour; black elsewhere."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    for label in _evaluated_cityscapes_labels():
+        table[label.trainId] = label.color
+    return table
+
+
+def _evaluated_cityscapes_labels() -> list:
+    """The official table's labels that have a train id (the 19 classes evaluated)."""
+    return [label for label in _CITYSCAPES_LABELS
+            if 0 <= label.trainId < IGNORE_INDEX and not label.ignoreInEval]
 
 
 def voc_palette() -> list[int]:

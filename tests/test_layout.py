@@ -61,6 +61,14 @@ def test_models_imports_no_orchestration_library():
             assert not bad, f"{file.name} imports {bad}"
 
 
+
+def test_the_loss_ignores_the_label_the_shards_mark_ignore():
+    """models/ stands alone, so it keeps its own copy of the shard format's ignore label."""
+    from dynroute.models.losses import IGNORE_INDEX as LOSS_IGNORES
+    from dynroute.platform.shards import IGNORE_INDEX
+
+    assert LOSS_IGNORES == IGNORE_INDEX
+
 def test_readme_names_the_test_command_that_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
