@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 
 from dynroute.platform import metrics
 from dynroute.platform.front import RegistryError
+from dynroute.platform.mlflow_client import configure_http_client
 
 __all__ = ["RegisteredVersion", "all_versions", "describe_versions", "read_versions",
            "registry_client"]
@@ -31,10 +32,8 @@ TAG_RESOLUTION = "cost_resolution"
 
 
 def registry_client(tracking_uri: str) -> MlflowClient:
-    """A client of the tracking server's registry, with tracking.py's fail-fast HTTP settings."""
-    from dynroute.platform.tracking import _configure_http_client
-
-    _configure_http_client()  # fail fast against a dead server (tracking.py's HTTP defaults)
+    """A client of the tracking server's registry, with the fail-fast HTTP settings."""
+    configure_http_client()
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

@@ -45,6 +45,7 @@ from dynroute.platform.front import (
     load_front,
     model_name,
 )
+from dynroute.platform.mlflow_client import MAX_TAG_VALUE_CHARS, truncate
 from dynroute.platform.pareto import Point
 from dynroute.platform.registered_versions import (
     TAG_PARETO,
@@ -65,7 +66,6 @@ __all__ = [
 ]
 
 TAG_PARAMS, TAG_DATASET = "params", "dataset"  # the other tags: registered_versions.py
-MAX_TAG_VALUE_CHARS = 8000  # MLflow 3.17's limit (tracking.MAX_TAG_VALUE_CHARS)
 
 # What a registry call raises when MLflow itself fails (server down, refused request); callers
 # outside this module catch these without importing mlflow.
@@ -88,10 +88,7 @@ def _tag(value: object) -> str:
         text = json.dumps(value, sort_keys=True, default=str)
     else:
         text = str(value)
-    if len(text) > MAX_TAG_VALUE_CHARS:
-        marker = f"...[truncated {len(text)} chars]"
-        text = text[: MAX_TAG_VALUE_CHARS - len(marker)] + marker
-    return text
+    return truncate(text, MAX_TAG_VALUE_CHARS)
 
 
 def _run_id(point: Point) -> str | None:

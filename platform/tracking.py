@@ -1,9 +1,10 @@
 """Experiment tracking: a local MLflow server and the tracking facade training code talks to.
 
-With its two helpers, `metric_sender.py` and `model_logging.py`, and with `registry.py` (the
-registry half of the API: versions, aliases, tags), this is the only code that imports `mlflow`
-(style.md, lesson 8): MLflow's APIs move between releases, and keeping the calls in these few
-files keeps an upgrade small.
+With its helpers (`metric_sender.py`, `model_logging.py`, `mlflow_server.py`, and
+`mlflow_client.py`: the server's limits, fail-fast HTTP settings, artifact-store errors) and with
+`registry.py` and `registered_versions.py` (the registry half of the API: versions, aliases,
+tags), this is the only code that imports `mlflow` (style.md, lesson 8): MLflow's APIs move
+between releases, and keeping the calls in these few files keeps an upgrade small.
 
 * `MlflowServer` runs a real `mlflow server` on 127.0.0.1 in its own process group (sqlite backend
   by default, because MLflow ≥ 3.13 refuses the plain file store; see platform.md, pitfall 6).
@@ -44,6 +45,15 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from dynroute.platform.metric_sender import MetricSender
+from dynroute.platform.mlflow_client import (
+    MAX_PARAM_VALUE_CHARS,
+    MAX_TAG_VALUE_CHARS,
+    PARAMS_TAGS_PER_BATCH,
+    ArtifactStoreError,
+    configure_http_client,
+    storing,
+    truncate,
+)
 from dynroute.platform.mlflow_server import MlflowServer, MlflowServerError
 from dynroute.platform.model_logging import log_pytorch_model
 from dynroute.platform.provenance import flatten
@@ -66,61 +76,7 @@ logger = logging.getLogger(__name__)
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 _RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
-# Server-side limits of MLflow 3.17 (mlflow/utils/validation.py); a test pins them to MLflow's own.
-MAX_PARAM_VALUE_CHARS = 6000
-MAX_TAG_VALUE_CHARS = 8000
-PARAMS_TAGS_PER_BATCH = 100
-
-# Client HTTP settings, used unless the environment already sets them. MLflow's defaults (7 retries
-# with backoff factor 2, 120 s timeout) let a dead server stall a training for minutes; metrics do
-# their own retrying in the buffer, and the rest should fail fast with a clear error.
-_HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-}
-
 _NO_TAGS: Mapping[str, str] = MappingProxyType({})
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-
-
-def _truncate(value: str, limit: int) -> str:
-    if len(value) <= limit:
-        return value
-    marker = f"...[truncated {len(value)} chars]"
-    return value[: limit - len(marker)] + marker
-
-
-def _configure_http_client() -> None:
-    for key, value in _HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
-
-class ArtifactStoreError(MlflowException):
-    """The tracking server could not store an artifact: its artifact store failed behind it."""
-
-
-@contextlib.contextmanager
-def _storing(what: str, uri: str | None) -> Iterator[None]:
-    """Turn the bare "too many 500 error responses" of a failed artifact upload into an error
-    that says where the fault is and what to do. Artifacts go through the server's proxy
-    (`mlflow-artifacts`), so an unreachable S3 endpoint or bucket reaches the client as HTTP 500
-    on that API only."""
-    try:
-        yield
-    except MlflowException as err:
-        if "mlflow-artifacts" not in str(err) or err.get_http_status_code() < 500:
-            raise
-        raise ArtifactStoreError(
-            f"the MLflow server {uri} could not store {what}: its artifact store (the server's "
-            f"--artifacts-destination, e.g. an S3 bucket) failed with HTTP "
-            f"{err.get_http_status_code()}. The store is unreachable or refuses the server's "
-            f"credentials; the server's log says which (server.log in the root of a server "
-            f"dynroute started). Bring the store back and run again: the run stays as far as "
-            f"it got.", error_code=err.error_code) from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +114,7 @@ class Tracker:
         if not self.uri:
             raise ValueError("Tracker(enabled=True) needs a tracking URI: pass uri= (e.g. "
                              "MlflowServer(...).uri) or set MLFLOW_TRACKING_URI")
-        _configure_http_client()
+        configure_http_client()
         self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self._sender = MetricSender(client=self._client, uri=self.uri)
 
@@ -220,7 +176,7 @@ class Tracker:
         elif self._runs:
             raise RuntimeError(f"run {self._runs[-1]} is still active in this tracker; end it "
                                "first, or pass nested_in_this_process=True to start a child run")
-        user_tags = {key: _truncate(str(value), MAX_TAG_VALUE_CHARS)
+        user_tags = {key: truncate(str(value), MAX_TAG_VALUE_CHARS)
                      for key, value in tags.items()}
         user_tags[MLFLOW_RUN_NAME] = run_name
         if parent_run_id is not None:
@@ -318,7 +274,7 @@ class Tracker:
         if not self.enabled:
             return
         run_id = self._active()
-        items = [Param(key, _truncate(str(value), MAX_PARAM_VALUE_CHARS))
+        items = [Param(key, truncate(str(value), MAX_PARAM_VALUE_CHARS))
                  for key, value in flatten(params).items()]
         for begin in range(0, len(items), PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(run_id=run_id,
@@ -329,7 +285,7 @@ class Tracker:
         if not self.enabled:
             return
         run_id = self._active()
-        items = [RunTag(key, _truncate(str(value), MAX_TAG_VALUE_CHARS))
+        items = [RunTag(key, truncate(str(value), MAX_TAG_VALUE_CHARS))
                  for key, value in tags.items()]
         for begin in range(0, len(items), PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(run_id=run_id, tags=items[begin:begin + PARAMS_TAGS_PER_BATCH])
@@ -395,7 +351,7 @@ class Tracker:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"artifact {path} does not exist")
-        with _storing(f"artifact {path}", self.uri):
+        with storing(f"artifact {path}", self.uri):
             if path.is_dir():
                 self._client.log_artifacts(self._active(), str(path), artifact_path)
             else:
@@ -405,7 +361,7 @@ class Tracker:
         """Store `data` as a JSON (or YAML, by the file's suffix) artifact."""
         if not self.enabled:
             return
-        with _storing(f"artifact {artifact_file}", self.uri):
+        with storing(f"artifact {artifact_file}", self.uri):
             self._client.log_dict(self._active(), data, artifact_file)
 
     # -- models ------------------------------------------------------------------------------
@@ -425,7 +381,7 @@ class Tracker:
             return None
         run_id = self._active()
         assert self.uri is not None
-        with _storing(f"model {name!r}", self.uri):
+        with storing(f"model {name!r}", self.uri):
             return log_pytorch_model(model, tracking_uri=self.uri,
                                      experiment_id=self._experiment(), run_id=run_id, name=name,
                                      input_example=input_example,
