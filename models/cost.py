@@ -59,9 +59,6 @@ class Flops:
     def __add__(self, other: Flops) -> Flops:
         return Flops(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)} | {"total": self.total}
-
 
 def count_flops(module: nn.Module, shape: Shape) -> tuple[Flops, Shape]:
     """Multi-adds of `module` on an input of `shape`, and its output shape.
