@@ -135,9 +135,16 @@ def loader_workers(device: torch.device, *, cores: int | None = None,
     """
     if device.type != "cuda":
         return 0
-    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    cores = cores if cores is not None else _usable_cores()
     gpus = gpus if gpus is not None else machine_gpus()
     return max(1, min(MAX_LOADER_WORKERS, cores // max(1, gpus) - 1))
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's or `taskset`'s share where the OS says)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def machine_gpus() -> int:
