@@ -19,6 +19,36 @@ from pathlib import Path
 
 import pytest
 
+# -- ending the test process ------------------------------------------------------------------
+# Ray leaves native threads behind after `ray.shutdown()` (its GCS client's io service, gRPC's
+# timers), and at interpreter exit the C++ static destructors can run under them: a CI run whose
+# 871 tests had passed and whose summary was printed died there with SIGSEGV (the kernel log:
+# "pytest[...]: segfault ... in libstdc++.so.6", in its string hash, on a thread's stack), failing
+# `make test`. So a test process that imported Ray ends with os._exit and the session's own exit
+# status, once pytest has printed everything and run its cleanups; nothing of a test's outcome
+# is hidden, only the interpreter's teardown is skipped. xdist workers end as usual (their
+# controller reads their results).
+_sessions: list[pytest.Session] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller, or a run without xdist
+        config.add_cleanup(_end_process)  # cleanups run last-in first-out: this one runs last
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _sessions.append(session)
+
+
+def _end_process() -> None:
+    if "ray" not in sys.modules or not _sessions:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(_sessions[-1].exitstatus))
+
+
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
