@@ -11,11 +11,11 @@ import pytest
 
 from dynroute.platform import metrics as M
 from dynroute.platform import trial as TR
+from dynroute.platform.study import REPORT_KEYS
 from dynroute.platform.training import TrainSpec
 
 TINY_MODEL = {"layers": 4, "base_channels": 4, "num_classes": 19}
 TINY_TRAIN = {"iterations": 2, "batch_size": 2, "crop": [64, 64], "warmup_iterations": 1}
-FIGURES = (M.MIOU, M.GFLOPS_MEAN, M.GFLOPS_MAX, M.GFLOPS_MIN, M.GFLOPS_P50, M.GFLOPS_P90)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_a_multi_worker_gpu_rung_reports_what_the_in_task_evaluation_reports(tri
                        timeout=300)
     assert in_task["step"] == own_task["step"] == 2
     assert in_task["checkpoint"] == own_task["checkpoint"]
-    for name in FIGURES:
+    for name in REPORT_KEYS:
         assert own_task[name] == pytest.approx(in_task[name], rel=1e-6), name
     assert 0.0 <= in_task[M.MIOU] <= 1.0 and in_task[M.GFLOPS_MEAN] > 0
 
