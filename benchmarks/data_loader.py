@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
-from dynroute.platform.augment import SCALES
-from dynroute.platform.dataset import ShardDataset
-from dynroute.platform.shards import ShardWriter
+from dynroute.platform.data.augment import SCALES
+from dynroute.platform.data.dataset import ShardDataset
+from dynroute.platform.data.shards import ShardWriter
 
 
 @dataclass(frozen=True)

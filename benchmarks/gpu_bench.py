@@ -19,14 +19,16 @@ Sizes (the issue's setting on CUDA, small enough for two CPU cores otherwise):
     --smoke  L=4, C0=4, batch 2, 64x64 / 64x128, one repeat, torch.compile with backend "eager"
              (Dynamo capture only: inductor's C++/Triton codegen takes minutes, too long for CI)
 
-CUDA graphs: the training cases "CUDA graph ..." replay the whole step (platform/cuda_graph.py,
-as `dynroute train` does on one GPU); "static soft, CUDA graph ..." replays the all-open forward;
-"row graphs (b1) ..." replay the per-sample routing forward piece by piece between its per-row
-waits (models/graphed_routing.py; on a CPU the pieces run eagerly).
+CUDA graphs: the training cases "CUDA graph ..." replay the whole step
+(platform/device/cuda_graph.py, as `dynroute train` does on one GPU); "static soft, CUDA graph
+..." replays the all-open forward; "row graphs (b1) ..." replay the per-sample routing forward
+piece by piece between its per-row waits (models/graphed_routing.py; on a CPU the pieces run
+eagerly).
 
 Needs nothing but PyTorch (and numpy): the model code is loaded from ../models, the optimizer
-recipe and the graph code from ../platform/{recipe,cuda_graph}.py and the scenarios from
-./dynamic_inference.py, without installing dynroute. The benchmark's own parts are in ./speed/:
+recipe and the graph code from ../platform/train/recipe.py and ../platform/device/cuda_graph.py,
+and the scenarios from ./dynamic_inference.py, without installing dynroute. The benchmark's own
+parts are in ./speed/:
 `common` (loading, device, time budget, checks), one module per section (`training`,
 `inference`, `dynamic`) and `report` (the tables); this script runs them.
 

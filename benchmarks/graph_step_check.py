@@ -1,14 +1,15 @@
 """The training loop's step replayed as a CUDA graph against its eager step, on one GPU.
 
-`platform/train_step.py`'s `TrainStep` (the step `dynroute train` runs) from the same seed, three
-times: eagerly twice, and graphed (warm-up steps, capture, replays). Each step's figures (L_seg,
-L_C, mean expected FLOPs, gradient norm) and the weights at the end must agree within `--rtol`;
-the two eager runs show how far the eager step alone varies from run to run (on a GPU, TF32 convs
-and the backward's atomic adds are not bit-reproducible). Measured on an NVIDIA H200 (torch 2.11,
-12 steps at 384x384; benchmarks/results/graph_step_check-h200-2026-11-27.log): graph vs eager
-6.4e-3 on the gradient norm and 4.0e-4 on the weights, eager vs eager 2.7e-3 and 3.2e-4. The batches
-come from pinned host memory as the DataLoader's do; the lr warm-up and the budget's ramp change
-the learning rate and λ2·w(t) from step to step, which a capture that froze them would miss.
+`platform/train/train_step.py`'s `TrainStep` (the step `dynroute train` runs) from the same seed,
+three times: eagerly twice, and graphed (warm-up steps, capture, replays). Each step's figures
+(L_seg, L_C, mean expected FLOPs, gradient norm) and the weights at the end must agree within
+`--rtol`; the two eager runs show how far the eager step alone varies from run to run (on a GPU,
+TF32 convs and the backward's atomic adds are not bit-reproducible). Measured on an NVIDIA H200
+(torch 2.11, 12 steps at 384x384; benchmarks/results/graph_step_check-h200-2026-11-27.log): graph
+vs eager 6.4e-3 on the gradient norm and 4.0e-4 on the weights, eager vs eager 2.7e-3 and 3.2e-4.
+The batches come from pinned host memory as the DataLoader's do; the lr warm-up and the budget's
+ramp change the learning rate and λ2·w(t) from step to step, which a capture that froze them would
+miss.
 
 Needs nothing but PyTorch: the model and platform code are loaded from this checkout, as
 gpu_bench.py does. On a CPU the graphed step runs its body eagerly (a smoke check of the script).
@@ -43,9 +44,9 @@ def load_platform() -> None:
 
 def run(device: torch.device, *, graphed: bool, steps: int, size: int):
     from dynroute.models import BudgetLoss, BudgetSchedule, NetworkConfig, build_network
-    from dynroute.platform.fast_path import for_training
-    from dynroute.platform.recipe import TrainConfig, build_optimizer, set_lr
-    from dynroute.platform.train_step import TrainStep
+    from dynroute.platform.device.fast_path import for_training
+    from dynroute.platform.train.recipe import TrainConfig, build_optimizer, set_lr
+    from dynroute.platform.train.train_step import TrainStep
 
     torch.manual_seed(0)
     layout = for_training(device)

@@ -37,19 +37,19 @@ from dynroute.models.route_statistics import RouteStatistics
 from dynroute.pipelines.prepare import prepare
 from dynroute.pipelines.run import load_checkpoint
 from dynroute.pipelines.synth import synthesize
-from dynroute.platform.dataset import ShardDataset
-from dynroute.platform.evaluation import evaluate
+from dynroute.platform.data.dataset import ShardDataset
+from dynroute.platform.data.shards import read_manifest
+from dynroute.platform.evaluate.evaluation import evaluate
 from dynroute.platform.files import write_json_atomic
-from dynroute.platform.recipe import TrainConfig
-from dynroute.platform.shards import read_manifest
-from dynroute.platform.training import TrainSpec, train
+from dynroute.platform.train.recipe import TrainConfig
+from dynroute.platform.train.spec import TrainSpec
+from dynroute.platform.train.training import train
 
 
 def run_training(name: str, data: Path, storage: Path, model: NetworkConfig,
                  recipe: TrainConfig) -> Path:
-    spec = TrainSpec(data=str(data), model={k: v for k, v in asdict(model).items()
-                                            if k != "route"},
-                     train=asdict(recipe), name=name, storage=str(storage), workers=0,
+    spec = TrainSpec(data=str(data), model=model, train=recipe, name=name, storage=str(storage),
+                     workers=0,
                      checkpoint_every=recipe.iterations, log_every=max(1, recipe.iterations // 5))
     started = time.monotonic()
     result = train(spec)

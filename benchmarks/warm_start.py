@@ -47,12 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from dynroute.models import NetworkConfig
     from dynroute.pipelines.prepare import prepare
     from dynroute.pipelines.synth import synthesize
-    from dynroute.platform.ray_train import init_ray
-    from dynroute.platform.study import SearchSpec
-    from dynroute.platform.training import TrainSpec
-    from dynroute.platform.tune import run_study
+    from dynroute.platform.search.study import SearchSpec
+    from dynroute.platform.search.tune import run_study
+    from dynroute.platform.train.ray_train import init_ray
+    from dynroute.platform.train.recipe import TrainConfig
+    from dynroute.platform.train.spec import TrainSpec
 
     budget_start = 0.4
     with tempfile.TemporaryDirectory(prefix="dynroute-warm-bench-") as tmp:
@@ -60,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         synthesize("cityscapes", work / "raw", train=16, val=6, height=64, width=128, seed=5)
         prepare("cityscapes", work / "raw", work / "prepared", workers=1)
         base = TrainSpec(data=str(work / "prepared"),
-                         model={"layers": args.layers, "base_channels": args.base_channels},
-                         train={"iterations": args.iterations, "batch_size": 4,
-                                "crop": [64, 64], "warmup_iterations": 1,
-                                "budget_start": budget_start},
+                         model=NetworkConfig(layers=args.layers, base_channels=args.base_channels),
+                         train=TrainConfig(iterations=args.iterations, batch_size=4,
+                                crop=[64, 64], warmup_iterations=1,
+                                budget_start=budget_start),
                          checkpoint_every=max(1, args.iterations // 4),
                          log_every=max(1, args.iterations // 4))
         init_ray(num_cpus=2)

@@ -200,7 +200,7 @@ def train_command(
     from dataclasses import replace
 
     from dynroute.pipelines.run import tracking_uri, train_spec
-    from dynroute.platform.training import train
+    from dynroute.platform.train.training import train
 
     p = load_params(params)
     try:
@@ -295,8 +295,9 @@ def settings_command(
 ) -> None:
     """Every endpoint this run would use (Ray, storage, MLflow, S3, Optuna, DVC), secrets masked,
     and where each came from."""
-    from dynroute.pipelines.params import ParamsError, load_params
-    from dynroute.platform.settings import Settings, SettingsError
+    from dynroute.platform.config.params import ParamsError, load_params
+    from dynroute.platform.config.settings import Settings
+    from dynroute.platform.url_secrets import SettingsError
 
     try:
         typer.echo(Settings.render(load_params(params)).describe())
@@ -312,7 +313,7 @@ def ui_command(
     """Serve the MLflow UI over the local tracking store (tracking.uri: local) until Ctrl-C."""
     import time
 
-    from dynroute.platform.mlflow_server import MlflowServer, MlflowServerError
+    from dynroute.platform.tracking.server import MlflowServer, MlflowServerError
 
     p = load_params(params)
     if p.tracking.uri != "local":
@@ -336,7 +337,7 @@ app.command("predict")(cli_registry.predict_command)
 
 
 # === tune: dynroute tune (the budget search) =================================================
-# Handler in dynroute.pipelines.tune_stage; library in dynroute.platform.tune (+ study, trial,
+# Handler in dynroute.pipelines.tune_stage; library in dynroute.platform.search (tune, study, trial,
 # mo_asha).
 
 

@@ -16,15 +16,16 @@ def fail(message: str) -> typer.Exit:
 
 
 def load_params(path: Path):
-    """params.yaml with the endpoints the environment overrides (platform/settings.py):
+    """params.yaml with the endpoints the environment overrides (platform/config/settings.py):
     MLFLOW_TRACKING_URI over tracking.uri, DYNROUTE_OPTUNA_STORAGE over tune.storage, `${VAR}`
     resolved; the one S3 endpoint is exported in the forms Arrow, MLflow and DVC read."""
     import os
     from dataclasses import replace
 
-    from dynroute.pipelines.params import ParamsError
-    from dynroute.pipelines.params import load_params as read_params
-    from dynroute.platform.settings import Settings, SettingsError
+    from dynroute.platform.config.params import ParamsError
+    from dynroute.platform.config.params import load_params as read_params
+    from dynroute.platform.config.settings import Settings
+    from dynroute.platform.url_secrets import SettingsError
 
     try:
         params = read_params(path)

@@ -1,6 +1,6 @@
 """The registry commands: `dynroute register`, `select` and `predict` (the Pareto-aware model
 registry). Handlers call dynroute.pipelines.registry_stage; the library is in
-dynroute.platform.front, .registry and .selection. cli.py adds them to the `dynroute` app."""
+dynroute.platform.registry (front, register, selection). cli.py adds them to the `dynroute` app."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dynroute.pipelines.cli_common import (
 
 
 def _registry_errors() -> tuple[type[Exception], ...]:
-    from dynroute.platform.registry import SERVICE_ERRORS
+    from dynroute.platform.registry.register import SERVICE_ERRORS
 
     return (ValueError, FileNotFoundError, *SERVICE_ERRORS)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 
-from dynroute.platform.shards import IGNORE_INDEX
+from dynroute.platform.data.shards import IGNORE_INDEX
 
 INVALID = -1  # in a lookup table: a raw value that is not in the dataset's table
 

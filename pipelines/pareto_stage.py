@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynroute.pipelines.params import Params
 from dynroute.platform import metrics as M
-from dynroute.platform.pareto import ParetoSummary, Point, write_front
+from dynroute.platform.config.params import Params
+from dynroute.platform.pareto.analysis import ParetoSummary, Point, write_front
 
 TRIAL_KEYS = ("id", "state", M.MIOU, M.GFLOPS_MEAN)
 META_KEYS = ("number", "state", "seeded_from", "params", "lambda2", "mu", "iterations",
@@ -77,9 +77,9 @@ def run_pareto(params: Params, *, trials: Path, out: Path, plots: Path,
                uri: str | None) -> ParetoOutputs:
     """Write the front of `trials` to `out` (pareto.json, pareto.csv) and `plots` (PNG, HTML);
     log them to the study's parent MLflow run when tracking is on."""
-    from dynroute.platform.pareto_plots import front_html, plot_front
-    from dynroute.platform.provenance import git_commit
-    from dynroute.platform.shards import read_manifest
+    from dynroute.platform.data.shards import read_manifest
+    from dynroute.platform.pareto.plots import front_html, plot_front
+    from dynroute.platform.tracking.provenance import git_commit
 
     document = load_trials(trials)
     manifest = read_manifest(params.data.prepared)
@@ -99,7 +99,7 @@ def run_pareto(params: Params, *, trials: Path, out: Path, plots: Path,
 
 def _track(uri: str, params: Params, document: dict, summary: ParetoSummary,
            files: dict[str, Path]) -> None:
-    from dynroute.platform.tracking import Tracker
+    from dynroute.platform.tracking.tracker import Tracker
 
     tracker = Tracker(uri=uri, experiment=params.tracking.experiment, enabled=True)
     parent = document.get("parent_run_id")

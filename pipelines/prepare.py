@@ -1,7 +1,7 @@
 """`dynroute data prepare`: a raw Cityscapes or VOC 2012 (+SBD) folder → Parquet shards.
 
 Validates the raw layout, maps labels to train ids, and writes the shards, the manifest and class
-statistics described in `dynroute.platform.shards`. Splits are `train` and `val`:
+statistics described in `dynroute.platform.data.shards`. Splits are `train` and `val`:
 
 - Cityscapes: `leftImg8bit/{split}/{city}/*_leftImg8bit.png` with
   `gtFine/{split}/{city}/*_gtFine_labelIds.png`; label ids → the 19 train ids.
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dynroute.platform.shards import CLASS_STATS, Manifest, ShardWriter, read_manifest
+from dynroute.platform.data.shards import CLASS_STATS, Manifest, ShardWriter, read_manifest
 
 from .labels import (
     CITYSCAPES_CLASSES,

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from dynroute.pipelines.params import Params
-from dynroute.platform.front import RegistryError, model_name
-from dynroute.platform.predict import CLASSES, PredictError, Prediction, predict
-from dynroute.platform.registry import RegistryState, register_front
-from dynroute.platform.selection import Selection, select_version
+from dynroute.platform.config.params import Params
+from dynroute.platform.evaluate.predict import CLASSES, PredictError, Prediction, predict
+from dynroute.platform.registry.front import RegistryError, model_name
+from dynroute.platform.registry.register import RegistryState, register_front
+from dynroute.platform.registry.selection import Selection, select_version
 
 
 def _require(uri: str | None) -> str:
@@ -59,8 +59,8 @@ def run_predict(params: Params, *, model: str, images: Sequence[Path], out: Path
     `dataset` defaults to the one the network's class count implies; the model carries its own
     configuration, `params` gives the device and the fast path (evaluate.device, evaluate.fast).
     """
-    from dynroute.pipelines.run import load_model
-    from dynroute.platform.fast_path import inference_device
+    from dynroute.platform.device.fast_path import inference_device
+    from dynroute.platform.train.checkpoints import load_model
 
     device = inference_device(params.evaluate.device, key="evaluate.device")
     network, source = load_model(model, tracking_uri=uri)

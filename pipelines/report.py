@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dynroute.pipelines.params import Params
+from dynroute.platform.config.params import Params
 
 
 def _read(path: Path) -> dict | None:

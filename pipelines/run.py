@@ -1,21 +1,21 @@
 """Stage handlers for training and evaluation: params.yaml → library calls → files.
 
 Thin on purpose: they resolve settings (tracking server, checkpoint folders), call
-`dynroute.platform.training.train` or `dynroute.platform.evaluation.evaluate`, and write outputs.
+`dynroute.platform.train.training.train` or `dynroute.platform.evaluate.evaluation.evaluate`,
+and write outputs.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from dynroute.pipelines.params import Params
+from dynroute.platform.config.params import Params
 from dynroute.platform.files import write_json_atomic
-from dynroute.platform.ray_train import CHECKPOINT_PREFIX
-from dynroute.platform.training import SPEC_FILE, STATE_FILE, TrackingSpec, TrainSpec
+from dynroute.platform.train.checkpoints import load_model
+from dynroute.platform.train.spec import TrackingSpec, TrainSpec
 
 
 @contextmanager
@@ -25,7 +25,7 @@ def tracking_uri(params: Params) -> Iterator[str | None]:
     if uri == "none":
         yield None
     elif uri == "local":
-        from dynroute.platform.tracking import MlflowServer
+        from dynroute.platform.tracking.server import MlflowServer
 
         with MlflowServer(root=Path(params.tracking.dir)) as server:
             yield server.uri
@@ -34,52 +34,12 @@ def tracking_uri(params: Params) -> Iterator[str | None]:
 
 
 def train_spec(params: Params, *, data: str, uri: str | None) -> TrainSpec:
-    """The training params.yaml describes: `run.*` keys are TrainSpec fields of the same name."""
-    return TrainSpec(
-        data=data, model={k: v for k, v in asdict(params.model).items() if k != "route"},
-        train=asdict(params.train), **asdict(params.run),
+    """The training params.yaml describes: the `run:` section's settings, the network and the
+    recipe, tracked under `run.name`."""
+    return TrainSpec.for_run(
+        params.run, data=data, model=params.model, train=params.train,
         tracking=TrackingSpec(uri=uri, experiment=params.tracking.experiment,
                               run_name=params.run.name))
-
-
-def find_checkpoint(path: Path) -> Path:
-    """A checkpoint folder: `path` itself, or the newest `checkpoint_*` inside a run folder."""
-    if (path / STATE_FILE).is_file():
-        return path
-    found = sorted(p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
-    if not found:
-        raise FileNotFoundError(f"no checkpoint in {path}: expected {STATE_FILE} there or in a "
-                                f"{CHECKPOINT_PREFIX}* folder; run `dynroute train` first")
-    return found[-1]
-
-
-def load_checkpoint(path: Path):
-    """(network in eval mode, its TrainSpec) from a checkpoint folder."""
-    import torch
-
-    from dynroute.models import build_network
-
-    folder = find_checkpoint(path)
-    spec = TrainSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()))
-    network = build_network(spec.network)
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-    network.load_state_dict(state["model"])
-    network.training_run_id = state.get("mlflow_run_id")
-    return network.eval(), spec
-
-
-def load_model(source: str, *, tracking_uri: str | None):
-    """(network, its name) from a checkpoint folder or an MLflow model URI (`models:/…`)."""
-    if source.startswith(("models:/", "runs:/")):
-        from dynroute.platform.model_logging import load_pytorch_model
-
-        if tracking_uri is None:
-            raise ValueError(f"{source} is an MLflow model: set tracking.uri to its server")
-        network = load_pytorch_model(source, tracking_uri=tracking_uri)
-        network.training_run_id = None
-        return network.eval(), source
-    network, spec = load_checkpoint(Path(source))
-    return network, spec.name
 
 
 def most_frequent_route(result):
@@ -104,11 +64,11 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
     """Evaluate a checkpoint on `params.evaluate.split`; write metrics, plots and tables."""
     from dynroute.models.route_statistics import common_x
     from dynroute.pipelines.progress import Progress
-    from dynroute.platform.dataset import ShardDataset
-    from dynroute.platform.evaluation import TTA, evaluate
-    from dynroute.platform.fast_path import inference_device
-    from dynroute.platform.plots import plot_gate_probability, plot_route
-    from dynroute.platform.shards import read_manifest
+    from dynroute.platform.data.dataset import ShardDataset
+    from dynroute.platform.data.shards import read_manifest
+    from dynroute.platform.device.fast_path import inference_device
+    from dynroute.platform.evaluate.evaluation import TTA, evaluate
+    from dynroute.platform.evaluate.plots import plot_gate_probability, plot_route
 
     device = inference_device(params.evaluate.device, key="evaluate.device")
     network, source = load_model(checkpoint, tracking_uri=uri)
@@ -155,8 +115,8 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
 
 def _track_evaluation(uri, params, source, training_run_id, manifest, summary, out,
                       plots) -> None:
-    from dynroute.platform.provenance import flatten, git_commit
-    from dynroute.platform.tracking import Tracker
+    from dynroute.platform.tracking.provenance import flatten, git_commit
+    from dynroute.platform.tracking.tracker import Tracker
 
     tracker = Tracker(uri=uri, experiment=params.tracking.experiment, enabled=True)
     tags = {"git_commit": git_commit() or "unknown", "data_hash": manifest.content_hash,

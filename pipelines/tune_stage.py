@@ -11,25 +11,20 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from dynroute.pipelines.params import Params
 from dynroute.pipelines.progress import Progress
 from dynroute.pipelines.run import train_spec
 from dynroute.platform import metrics as M
+from dynroute.platform.config.params import Params
 
 
 def search_spec(params: Params):
     """The search settings of params.yaml (`tune.iterations` 0: `train.iterations`)."""
-    from dynroute.platform.study import SearchSpec
+    from dynroute.platform.search.study import SearchSpec
 
-    t = params.tune
-    return SearchSpec(
-        study=t.study, storage=t.storage, results=t.results, num_samples=t.num_samples,
-        space=t.space, iterations=t.iterations or params.train.iterations,
-        seed_budgets=tuple(t.seed_budgets), seed=t.seed, max_concurrent=t.max_concurrent,
-        trial_cpus=t.trial_cpus, scheduler=t.scheduler, grace_period=t.grace_period,
-        reduction_factor=t.reduction_factor, max_gflops=t.max_gflops,
-        split=params.evaluate.split, cost_resolution=params.evaluate.cost_resolution,
-        max_failures=params.run.max_failures, warm_start=t.warm_start)
+    return SearchSpec.resolve(params.tune, train_iterations=params.train.iterations,
+                              split=params.evaluate.split,
+                              cost_resolution=params.evaluate.cost_resolution,
+                              max_failures=params.run.max_failures)
 
 
 class TrialProgress:
@@ -66,7 +61,7 @@ class TrialProgress:
 
 def run_tune(params: Params, *, data: str, uri: str | None, resume: bool) -> Path:
     """Run (or with `resume`, continue) the study of `params.tune`; the trials.json path."""
-    from dynroute.platform.tune import run_study
+    from dynroute.platform.search.tune import run_study
 
     search = search_spec(params)
     base = train_spec(params, data=data, uri=uri)

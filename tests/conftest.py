@@ -172,8 +172,8 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 # MLflow's set_tracking_uri / set_registry_uri also export MLFLOW_TRACKING_URI and
 # MLFLOW_REGISTRY_URI. A test (or a module fixture) that logs in-process would leave them pointing
 # at its server, stopped later, and every later `dynroute` subprocess would obey them (the
-# environment wins over params.yaml, see platform/settings.py). Every test starts and ends with
-# the values the session started with.
+# environment wins over params.yaml, see platform/config/settings.py). Every test starts and ends
+# with the values the session started with.
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
               "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
 _SESSION_MLFLOW_ENV = {key: os.environ.get(key) for key in MLFLOW_ENV}

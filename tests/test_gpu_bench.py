@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # it reuses.
 PARTS = tuple(f"benchmarks/speed/{p.name}" for p in (ROOT / "benchmarks" / "speed").glob("*.py"))
 NEEDED = ("benchmarks/gpu_bench.py", *PARTS, "benchmarks/dynamic_inference.py",
-          "platform/recipe.py", "platform/cuda_graph.py")
+          "platform/train/recipe.py", "platform/device/cuda_graph.py")
 # And what the profile and the graph-step check read besides.
 NEEDED_BESIDE = ("benchmarks/gpu_profile.py", "benchmarks/graph_step_check.py",
-                 "platform/train_step.py", "platform/fast_path.py")
+                 "platform/train/train_step.py", "platform/device/fast_path.py")
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ def test_models_imports_no_orchestration_library():
 def test_the_loss_ignores_the_label_the_shards_mark_ignore():
     """models/ stands alone, so it keeps its own copy of the shard format's ignore label."""
     from dynroute.models.losses import IGNORE_INDEX as LOSS_IGNORES
-    from dynroute.platform.shards import IGNORE_INDEX
+    from dynroute.platform.data.shards import IGNORE_INDEX
 
     assert LOSS_IGNORES == IGNORE_INDEX
 
@@ -95,3 +95,78 @@ def test_import_platform_inside_a_ray_worker_is_the_standard_library():
     file, system, metrics = out.stdout.strip().splitlines()[-3:]
     assert _is_stdlib_platform(file) and system == "Linux"
     assert Path(metrics).resolve() == (ROOT / "platform" / "metrics.py").resolve()
+
+
+# The rooms of platform/ and the rooms each may import (docs/conventions.md, "The rooms of
+# platform/"). The root's shared leaves (metrics, files, url_secrets) import no room.
+ROOMS = {
+    "data": set(),
+    "device": set(),
+    "tracking": set(),
+    "pareto": set(),
+    "train": {"data", "device", "tracking"},
+    "evaluate": {"data", "device"},
+    "search": {"data", "device", "tracking", "train", "evaluate", "pareto"},
+    "registry": {"tracking", "pareto"},
+    "config": {"data", "device", "tracking", "pareto", "train", "evaluate", "search", "registry"},
+}
+
+
+def _internal_imports(file: Path) -> set[str]:
+    """The dynroute modules `file` imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dynroute"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("dynroute"))
+    return found
+
+
+def _room_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "platform" and parts[2] in ROOMS else None
+
+
+def test_platform_is_rooms_and_a_few_shared_leaves():
+    rooms = {p.name for p in (ROOT / "platform").iterdir() if p.is_dir() and
+             not p.name.startswith(("_", "."))}
+    assert rooms == set(ROOMS)
+    for room in ROOMS:
+        init = ROOT / "platform" / room / "__init__.py"
+        assert ast.get_docstring(ast.parse(init.read_text())), f"{room}/__init__.py says nothing"
+    leaves = {p.stem for p in (ROOT / "platform").glob("*.py")}
+    assert leaves == {"metrics", "files", "url_secrets"}
+
+
+def test_rooms_import_only_the_rooms_below_them():
+    for room, allowed in ROOMS.items():
+        for file in (ROOT / "platform" / room).glob("*.py"):
+            for module in _internal_imports(file):
+                assert not module.startswith("dynroute.pipelines"), f"{file}: {module}"
+                other = _room_of(module)
+                assert other in (None, room) or other in allowed, \
+                    f"platform/{room}/{file.name} imports {module}; {room} may import {allowed}"
+    for file in (ROOT / "platform").glob("*.py"):
+        rooms = {_room_of(m) for m in _internal_imports(file)} - {None}
+        assert not rooms, f"the shared leaf {file.name} imports the rooms {rooms}"
+
+
+def test_the_allowed_imports_form_a_dag():
+    done: set[str] = set()
+    while len(done) < len(ROOMS):
+        ready = {r for r, deps in ROOMS.items() if r not in done and deps <= done}
+        assert ready, f"a cycle among {set(ROOMS) - done}"
+        done |= ready
+
+
+def test_run_and_tune_defaults_are_params_yaml():
+    """One place for each default: the run and search settings' dataclasses hold params.yaml's."""
+    from dynroute.platform.config.params import load_params
+    from dynroute.platform.search.study import TuneSettings
+    from dynroute.platform.train.spec import RunSettings
+
+    params = load_params(ROOT / "params.yaml")
+    assert params.run == RunSettings()
+    assert params.tune == TuneSettings()

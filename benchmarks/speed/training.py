@@ -54,7 +54,7 @@ class TrainCase:
     compile: bool = False
     mode: str | None = None  # torch.compile mode (inductor only)
     cudnn_benchmark: bool = False
-    graph: bool = False  # the step replayed as one CUDA graph (platform/cuda_graph.py)
+    graph: bool = False  # the step replayed as one CUDA graph (platform/device/cuda_graph.py)
     blocks: bool = False  # with compile: each block compiled (as in inference), not the step
     cuda_only: bool = False
     optional: bool = False  # only when the section has time to spare
@@ -94,7 +94,7 @@ class TrainSetup:
 
 
 def make_train_setup(sizes: Sizes, device: Device) -> TrainSetup:
-    recipe = load_file("_gpu_bench_recipe", ROOT / "platform" / "recipe.py")
+    recipe = load_file("_gpu_bench_recipe", ROOT / "platform" / "train" / "recipe.py")
     gen = torch.Generator().manual_seed(SEED)
     b, (h, w) = sizes.train_batch, sizes.crop
     images = torch.randn(b, 3, h, w, generator=gen) * 50.0
@@ -157,7 +157,8 @@ class TrainStep:
         self.gradient: torch.Tensor | None = None
         self.graphed = None
         if case.graph:  # the training's own graph code, loaded like the recipe
-            graphs = load_file("_gpu_bench_cuda_graph", ROOT / "platform" / "cuda_graph.py")
+            graphs = load_file("_gpu_bench_cuda_graph",
+                               ROOT / "platform" / "device" / "cuda_graph.py")
             self.lrs = [torch.zeros((), device=device.torch) for _ in self.optimizer.param_groups]
             self.update = lambda: graphs.sgd_update(self.optimizer, self.lrs)
             self.graphed = graphs.GraphedStep(self._body, device.torch)

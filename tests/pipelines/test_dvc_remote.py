@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dynroute.platform.shards import MANIFEST, read_manifest
+from dynroute.platform.data.shards import MANIFEST, read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dynroute.pipelines.params import DataParams, Params, ParamsError, load_params
+from dynroute.platform.config.params import DataParams, Params, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,14 +56,14 @@ def test_every_run_key_reaches_the_training_spec():
     """`run.*` keys become TrainSpec fields of the same name, none dropped on the way."""
     from dataclasses import fields, replace
 
-    from dynroute.pipelines.params import RunParams
     from dynroute.pipelines.run import train_spec
+    from dynroute.platform.train.spec import RunSettings
 
     changed = {"name": "n", "storage": "s3://b/p", "workers": 3, "use_gpu": True,
                "loader_workers": 2, "checkpoint_every": 7, "log_every": 3, "max_failures": 5,
                "fast": False, "bf16": True, "channels_last": True}
-    assert set(changed) == {f.name for f in fields(RunParams)}, "cover every run key"
-    params = replace(load_params(ROOT / "params.yaml"), run=RunParams(**changed))
+    assert set(changed) == {f.name for f in fields(RunSettings)}, "cover every run key"
+    params = replace(load_params(ROOT / "params.yaml"), run=RunSettings(**changed))
     spec = train_spec(params, data="d", uri="http://127.0.0.1:1")
     assert {k: getattr(spec, k) for k in changed} == changed
     assert spec.tracking.run_name == "n"

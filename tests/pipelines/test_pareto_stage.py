@@ -15,12 +15,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dynroute.pipelines.params import load_params
 from dynroute.pipelines.pareto_stage import TrialsError, format_table, load_trials, run_pareto
 from dynroute.pipelines.prepare import prepare
 from dynroute.pipelines.synth import synthesize
-from dynroute.platform.mlflow_server import MlflowServer
-from dynroute.platform.shards import read_manifest
+from dynroute.platform.config.params import load_params
+from dynroute.platform.data.shards import read_manifest
+from dynroute.platform.tracking.server import MlflowServer
 
 DYNROUTE = shutil.which("dynroute", path=str(Path(sys.executable).parent)) or "dynroute"
 

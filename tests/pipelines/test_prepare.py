@@ -16,7 +16,7 @@ from scipy.io import savemat
 
 from dynroute.pipelines.labels import CITYSCAPES_CLASSES, VOC_CLASSES, cityscapes_lookup
 from dynroute.pipelines.prepare import DataError, prepare
-from dynroute.platform.shards import CLASS_STATS, read_manifest, verify_shards
+from dynroute.platform.data.shards import CLASS_STATS, read_manifest, verify_shards
 
 H, W = 24, 40
 # label ids: 7 road (train 0), 26 car (13), 23 sky (10), 0 unlabeled (ignore), 1 ego vehicle

@@ -25,8 +25,9 @@ from typer.testing import CliRunner
 
 from dynroute.models import NetworkConfig, build_network
 from dynroute.pipelines.cli import app
-from dynroute.platform.pareto import Point, write_front
-from dynroute.platform.tracking import MlflowServer, Tracker
+from dynroute.platform.pareto.analysis import Point, write_front
+from dynroute.platform.tracking.server import MlflowServer
+from dynroute.platform.tracking.tracker import Tracker
 
 DYNROUTE = shutil.which("dynroute", path=str(Path(sys.executable).parent)) or "dynroute"
 # Trial → (mIoU, mean GFLOPs); c is dominated by b.

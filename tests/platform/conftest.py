@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynroute.platform.shards import ShardWriter
+from dynroute.platform.data.shards import ShardWriter
 
 NUM_CLASSES = 5
 CLASS_NAMES = tuple(f"class{k}" for k in range(NUM_CLASSES))

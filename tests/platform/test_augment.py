@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dynroute.models.stem import PIXEL_MEAN_BGR
-from dynroute.platform.augment import (
+from dynroute.platform.data.augment import (
     SCALES,
     AugmentParams,
     apply_augmentation,

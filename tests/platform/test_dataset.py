@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dynroute.models.stem import PIXEL_MEAN_BGR
-from dynroute.platform.dataset import ShardDataset
-from dynroute.platform.shards import ManifestError
+from dynroute.platform.data.dataset import ShardDataset
+from dynroute.platform.data.shards import ManifestError
 
 N_TRAIN, N_VAL = 23, 7
 CROP = (8, 8)

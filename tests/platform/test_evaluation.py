@@ -24,15 +24,15 @@ from dynroute.models.routing_space import Path as RoutePath
 from dynroute.pipelines.labels import CITYSCAPES_CLASSES, VOC_CLASSES
 from dynroute.pipelines.prepare import prepare
 from dynroute.pipelines.synth import synthesize
-from dynroute.platform.dataset import ShardDataset
-from dynroute.platform.evaluation import (
+from dynroute.platform.data.dataset import ShardDataset
+from dynroute.platform.evaluate.evaluation import (
     PER_IMAGE_COLUMNS,
     TTA,
     ConfusionMatrix,
     evaluate,
     infer,
 )
-from dynroute.platform.prediction_files import voc_palette
+from dynroute.platform.evaluate.prediction_files import voc_palette
 
 COST = (1024, 2048)
 K = len(CITYSCAPES_CLASSES)

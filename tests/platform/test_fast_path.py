@@ -12,14 +12,14 @@ import torch
 from dynroute.models import BudgetLoss, NetworkConfig, build_network
 from dynroute.models.fusion import has_batchnorm
 from dynroute.models.losses import segmentation_loss
-from dynroute.pipelines.params import Params
 from dynroute.pipelines.prepare import prepare
 from dynroute.pipelines.run import train_spec
 from dynroute.pipelines.synth import synthesize
-from dynroute.platform import fast_path
-from dynroute.platform.dataset import ShardDataset
-from dynroute.platform.evaluation import evaluate, infer
-from dynroute.platform.recipe import TrainConfig, build_optimizer, clip_gradients
+from dynroute.platform.config.params import Params
+from dynroute.platform.data.dataset import ShardDataset
+from dynroute.platform.device import fast_path
+from dynroute.platform.evaluate.evaluation import evaluate, infer
+from dynroute.platform.train.recipe import TrainConfig, build_optimizer, clip_gradients
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
@@ -158,7 +158,7 @@ def test_evaluation_reads_ahead_in_loader_processes_with_the_same_result(val_set
     """On a GPU, evaluation decodes the next images in loader processes while the network runs
     (one core decodes ~11 Cityscapes images/s, a GPU segments ~30): the figures must not change,
     whichever process read which image."""
-    from dynroute.platform.evaluation import samples
+    from dynroute.platform.evaluate.evaluation import samples
 
     assert samples(val_set, CPU) is val_set, "a CPU reads in the evaluating process"
     loader = samples(val_set, CUDA)

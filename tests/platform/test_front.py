@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dynroute.platform.front import (
+from dynroute.platform.pareto.analysis import Point, summarize, write_front
+from dynroute.platform.registry.front import (
     ALIAS_BEST_MIOU,
     ALIAS_KNEE,
     ALIAS_MIN_GFLOPS,
@@ -26,7 +27,6 @@ from dynroute.platform.front import (
     load_front,
     model_name,
 )
-from dynroute.platform.pareto import Point, summarize, write_front
 
 # t0 (cheap), t1, t2 (accurate); t3 is dominated by t1.
 FIGURES = {"t0": (0.50, 2.0), "t1": (0.60, 5.0), "t2": (0.64, 12.0), "t3": (0.55, 8.0)}
@@ -51,7 +51,7 @@ def pareto(tmp_path: Path) -> Path:
 
 
 def test_front_imports_no_mlflow_or_ray():
-    code = ("import sys, dynroute.platform.front;"
+    code = ("import sys, dynroute.platform.registry.front;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in {'mlflow', 'ray'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()

@@ -38,10 +38,11 @@ from mlflow import MlflowClient
 
 from dynroute.models import NetworkConfig, build_network
 from dynroute.platform import metrics
-from dynroute.platform.front import ALIAS_BEST_MIOU, ALIAS_KNEE, ALIAS_MIN_GFLOPS
-from dynroute.platform.pareto import Point, write_front
-from dynroute.platform.registry import register_front
-from dynroute.platform.tracking import MlflowServer, Tracker
+from dynroute.platform.pareto.analysis import Point, write_front
+from dynroute.platform.registry.front import ALIAS_BEST_MIOU, ALIAS_KNEE, ALIAS_MIN_GFLOPS
+from dynroute.platform.registry.register import register_front
+from dynroute.platform.tracking.server import MlflowServer
+from dynroute.platform.tracking.tracker import Tracker
 
 try:
     from playwright.sync_api import expect, sync_playwright

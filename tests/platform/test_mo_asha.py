@@ -5,14 +5,14 @@ import math
 
 import pytest
 
-from dynroute.platform.mo_asha import (
+from dynroute.platform.pareto.analysis import Point
+from dynroute.platform.search.mo_asha import (
     MOASHA,
     crowding_distances,
     rung_levels,
     rung_order,
     survivors,
 )
-from dynroute.platform.pareto import Point
 
 
 def test_rungs_are_grace_times_powers_of_eta_below_the_end():
@@ -90,7 +90,7 @@ def objective_without_gflops(config):
 def ray_cluster():
     import ray
 
-    from dynroute.platform.ray_train import init_ray
+    from dynroute.platform.train.ray_train import init_ray
 
     init_ray(num_cpus=2)
     yield

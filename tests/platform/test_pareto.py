@@ -12,7 +12,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from dynroute.platform.pareto import (
+from dynroute.platform.pareto.analysis import (
     Fronts,
     Point,
     best_under_budget,
@@ -27,7 +27,7 @@ from dynroute.platform.pareto import (
     summarize,
     write_front,
 )
-from dynroute.platform.pareto_plots import front_html, plot_front
+from dynroute.platform.pareto.plots import front_html, plot_front
 
 NAN, INF = math.nan, math.inf
 

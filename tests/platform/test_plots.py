@@ -12,7 +12,7 @@ from dynroute.models import Route
 from dynroute.models.routing_space import Path as RoutePath
 from dynroute.models.routing_space import RoutingSpace
 from dynroute.models.static_routes import static_route
-from dynroute.platform.plots import plot_gate_probability, plot_route
+from dynroute.platform.evaluate.plots import plot_gate_probability, plot_route
 
 
 def pixels(path: Path) -> np.ndarray:

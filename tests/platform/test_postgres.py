@@ -135,7 +135,8 @@ def postgres() -> Iterator[Postgres]:
 def test_mlflow_records_a_run_in_postgresql(postgres: Postgres, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from dynroute.platform.tracking import MlflowServer, Tracker
+    from dynroute.platform.tracking.server import MlflowServer
+    from dynroute.platform.tracking.tracker import Tracker
 
     postgres.create_database("mlflow")
     with MlflowServer(root=tmp_path, backend_store_uri=postgres.url("mlflow")) as server:

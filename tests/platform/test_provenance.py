@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dynroute.platform.provenance import flatten, git_commit, params_hash
+from dynroute.platform.tracking.provenance import flatten, git_commit, params_hash
 
 
 @dataclass(frozen=True)

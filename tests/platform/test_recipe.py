@@ -6,7 +6,7 @@ import torch
 
 from dynroute.models import NetworkConfig, build_network
 from dynroute.models.gate import SoftConditionalGate
-from dynroute.platform.recipe import (
+from dynroute.platform.train.recipe import (
     TrainConfig,
     build_optimizer,
     check_finite,

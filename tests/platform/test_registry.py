@@ -21,14 +21,15 @@ from PIL import Image
 
 from dynroute.models import NetworkConfig, Route, build_network
 from dynroute.models.routing_space import Path as RoutePath
-from dynroute.platform.front import RegistryError
-from dynroute.platform.pareto import Point, summarize, write_front
-from dynroute.platform.plots import plot_taken_route, taken_route
-from dynroute.platform.predict import PredictError, predict
-from dynroute.platform.prediction_files import voc_palette
-from dynroute.platform.registry import register_front
-from dynroute.platform.selection import select_version
-from dynroute.platform.tracking import MlflowServer, Tracker
+from dynroute.platform.evaluate.plots import plot_taken_route, taken_route
+from dynroute.platform.evaluate.predict import PredictError, predict
+from dynroute.platform.evaluate.prediction_files import voc_palette
+from dynroute.platform.pareto.analysis import Point, summarize, write_front
+from dynroute.platform.registry.front import RegistryError
+from dynroute.platform.registry.register import register_front
+from dynroute.platform.registry.selection import select_version
+from dynroute.platform.tracking.server import MlflowServer
+from dynroute.platform.tracking.tracker import Tracker
 
 TRIALS = 5
 server_test = pytest.mark.slow  # they share one MLflow server (~15 s to start)

@@ -24,7 +24,9 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from dynroute.platform.tracking import ArtifactStoreError, MlflowServer, MlflowServerError, Tracker
+from dynroute.platform.tracking.client import ArtifactStoreError
+from dynroute.platform.tracking.server import MlflowServer, MlflowServerError
+from dynroute.platform.tracking.tracker import Tracker
 
 BIN = Path(sys.executable).parent
 BUCKET = "tracking"

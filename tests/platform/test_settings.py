@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dynroute.pipelines.params import Params
-from dynroute.platform.settings import MASK, Settings, SettingsError, mask_url
+from dynroute.platform.config.params import Params
+from dynroute.platform.config.settings import Settings
+from dynroute.platform.url_secrets import MASK, SettingsError, mask_url
 
 ENDPOINT = "http://127.0.0.1:9000"
 

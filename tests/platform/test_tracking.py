@@ -1,4 +1,4 @@
-"""Tests of `dynroute.platform.tracking` against a real `mlflow server` on 127.0.0.1.
+"""Tests of `dynroute.platform.tracking.tracker` against a real `mlflow server` on 127.0.0.1.
 
 Most tests share one module-scoped server; the lifecycle and start-failure tests start their own.
 What the facade wrote is read back with MLflow's own client, never through the facade.
@@ -24,14 +24,11 @@ import torch
 from mlflow import MlflowClient
 from mlflow.utils import validation
 
-from dynroute.platform.metric_sender import MetricsNotDelivered
 from dynroute.platform.metrics import LEARNING_RATE, LOSS_SEGMENTATION, MIOU
-from dynroute.platform.tracking import (
-    MAX_PARAM_VALUE_CHARS,
-    MlflowServer,
-    MlflowServerError,
-    Tracker,
-)
+from dynroute.platform.tracking.client import MAX_PARAM_VALUE_CHARS
+from dynroute.platform.tracking.metric_sender import MetricsNotDelivered
+from dynroute.platform.tracking.server import MlflowServer, MlflowServerError
+from dynroute.platform.tracking.tracker import Tracker
 
 server_test = pytest.mark.slow
 

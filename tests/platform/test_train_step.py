@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from dynroute.models import BudgetLoss, BudgetSchedule, NetworkConfig, build_network
-from dynroute.platform.cuda_graph import GraphedStep, sgd_unsupported, sgd_update
-from dynroute.platform.fast_path import FastPath, for_training
-from dynroute.platform.recipe import TrainConfig, build_optimizer, set_lr
-from dynroute.platform.train_step import TrainStep, graph_blocker
+from dynroute.platform.device.cuda_graph import GraphedStep, sgd_unsupported, sgd_update
+from dynroute.platform.device.fast_path import FastPath, for_training
+from dynroute.platform.train.recipe import TrainConfig, build_optimizer, set_lr
+from dynroute.platform.train.train_step import TrainStep, graph_blocker
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # only its type is read: no GPU needed

@@ -15,6 +15,9 @@ import pytest
 import torch
 import yaml
 
+from dynroute.models import NetworkConfig
+from dynroute.platform.train.recipe import TrainConfig
+
 BIN = Path(sys.executable).parent
 DYNROUTE = str(BIN / "dynroute")
 STEP = re.compile(r"train: step (\d+)/(\d+)")
@@ -139,7 +142,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(prepared, tmp_path):
 def test_training_is_tracked_in_mlflow(prepared, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from dynroute.platform.tracking import MlflowServer
+    from dynroute.platform.tracking.server import MlflowServer
 
     with MlflowServer(root=tmp_path / "mlruns") as server:
         params = write_params(tmp_path / "params.yaml", tracking={"uri": server.uri},
@@ -183,13 +186,14 @@ def test_stop_at_pauses_and_a_second_call_resumes_to_the_end(prepared, tmp_path,
 
     from mlflow.tracking import MlflowClient
 
-    from dynroute.platform.tracking import MlflowServer
-    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+    from dynroute.platform.tracking.server import MlflowServer
+    from dynroute.platform.train.spec import TrackingSpec, TrainSpec
+    from dynroute.platform.train.training import train
 
     with MlflowServer(root=tmp_path / "mlruns") as server:
-        spec = TrainSpec(data=str(prepared), model={"layers": 4, "base_channels": 4},
-                         train={"iterations": 20, "batch_size": 2, "crop": [64, 64],
-                                "warmup_iterations": 2},
+        spec = TrainSpec(data=str(prepared), model=NetworkConfig(layers=4, base_channels=4),
+                         train=TrainConfig(iterations=20, batch_size=2, crop=[64, 64],
+                                warmup_iterations=2),
                          name="pause", storage=str(tmp_path / "runs"), checkpoint_every=100,
                          log_every=5, tracking=TrackingSpec(uri=server.uri, run_name="pause"))
         client = MlflowClient(server.uri)
@@ -225,8 +229,9 @@ def test_a_failed_training_ends_its_run_failed_and_resuming_continues_it(prepare
 
     from mlflow.tracking import MlflowClient
 
-    from dynroute.platform.tracking import MlflowServer
-    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+    from dynroute.platform.tracking.server import MlflowServer
+    from dynroute.platform.train.spec import TrackingSpec, TrainSpec
+    from dynroute.platform.train.training import train
 
     data = tmp_path / "data"
     shutil.copytree(prepared, data)
@@ -240,9 +245,9 @@ def test_a_failed_training_ends_its_run_failed_and_resuming_continues_it(prepare
 
     with MlflowServer(root=tmp_path / "mlruns") as server:
         client = MlflowClient(server.uri)
-        spec = TrainSpec(data=str(data), model={"layers": 4, "base_channels": 4},
-                         train={"iterations": 10, "batch_size": 2, "crop": [64, 64],
-                                "warmup_iterations": 2},
+        spec = TrainSpec(data=str(data), model=NetworkConfig(layers=4, base_channels=4),
+                         train=TrainConfig(iterations=10, batch_size=2, crop=[64, 64],
+                                warmup_iterations=2),
                          name="fragile", storage=str(tmp_path / "runs"), checkpoint_every=5,
                          log_every=5, tracking=TrackingSpec(uri=server.uri, run_name="fragile"))
         train(replace(spec, stop_at=5))
@@ -278,12 +283,13 @@ def test_a_resumed_training_ends_bit_for_bit_where_an_uninterrupted_one_does(pre
     nothing in the result."""
     from dataclasses import replace
 
-    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+    from dynroute.platform.train.spec import TrackingSpec, TrainSpec
+    from dynroute.platform.train.training import train
 
     spec = TrainSpec(data=str(prepared),
-                     model={"layers": 4, "base_channels": 4, "drop_path_prob": 0.3},
-                     train={"iterations": 8, "batch_size": 2, "crop": [64, 64],
-                            "warmup_iterations": 2},
+                     model=NetworkConfig(layers=4, base_channels=4, drop_path_prob=0.3),
+                     train=TrainConfig(iterations=8, batch_size=2, crop=[64, 64],
+                            warmup_iterations=2),
                      name="whole", storage=str(tmp_path / "runs"), checkpoint_every=2,
                      log_every=2, tracking=TrackingSpec(uri=None))
     whole = train(spec)
@@ -298,7 +304,7 @@ def test_a_resumed_training_ends_bit_for_bit_where_an_uninterrupted_one_does(pre
 
 
 def test_each_worker_and_step_draws_from_a_seed_of_its_own():
-    from dynroute.platform.training import step_seed
+    from dynroute.platform.train.training import step_seed
 
     seeds = {step_seed(0, rank, step) for rank in range(4) for step in range(100)}
     assert len(seeds) == 400, "workers do not drop the same samples' branches"
@@ -309,11 +315,12 @@ def test_a_diverging_training_stops_with_a_clear_error_before_any_bad_checkpoint
                                                                                  tmp_path):
     """Steps do not wait for the device, so divergence is caught where figures are read back:
     at the next log or checkpoint step, before that checkpoint is written."""
-    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+    from dynroute.platform.train.spec import TrackingSpec, TrainSpec
+    from dynroute.platform.train.training import train
 
-    spec = TrainSpec(data=str(prepared), model={"layers": 4, "base_channels": 4},
-                     train={"iterations": 12, "batch_size": 2, "crop": [64, 64],
-                            "warmup_iterations": 0, "lr": 1e12},
+    spec = TrainSpec(data=str(prepared), model=NetworkConfig(layers=4, base_channels=4),
+                     train=TrainConfig(iterations=12, batch_size=2, crop=[64, 64],
+                            warmup_iterations=0, lr=1e12),
                      name="diverge", storage=str(tmp_path / "runs"), checkpoint_every=3,
                      log_every=6, tracking=TrackingSpec(uri=None))
     with pytest.raises(Exception) as caught:
@@ -338,11 +345,12 @@ def test_a_resume_keeps_the_loader_processes_its_batch_order_came_from(prepared,
     a resume with the count unset (auto: none on a CPU) keeps the checkpoint's."""
     from dataclasses import replace
 
-    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+    from dynroute.platform.train.spec import TrackingSpec, TrainSpec
+    from dynroute.platform.train.training import train
 
-    spec = TrainSpec(data=str(prepared), model={"layers": 4, "base_channels": 4},
-                     train={"iterations": 8, "batch_size": 2, "crop": [64, 64],
-                            "warmup_iterations": 2},
+    spec = TrainSpec(data=str(prepared), model=NetworkConfig(layers=4, base_channels=4),
+                     train=TrainConfig(iterations=8, batch_size=2, crop=[64, 64],
+                            warmup_iterations=2),
                      name="two", storage=str(tmp_path / "runs"), checkpoint_every=4,
                      log_every=4, loader_workers=2, tracking=TrackingSpec(uri=None))
     whole = train(spec)

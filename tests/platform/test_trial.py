@@ -9,20 +9,22 @@ from dataclasses import replace
 
 import pytest
 
+from dynroute.models import NetworkConfig
 from dynroute.platform import metrics as M
-from dynroute.platform import trial as TR
-from dynroute.platform.study import REPORT_KEYS
-from dynroute.platform.training import TrainSpec
+from dynroute.platform.search import trial as TR
+from dynroute.platform.search.study import REPORT_KEYS
+from dynroute.platform.train.recipe import TrainConfig
+from dynroute.platform.train.spec import TrainSpec
 
-TINY_MODEL = {"layers": 4, "base_channels": 4, "num_classes": 19}
-TINY_TRAIN = {"iterations": 2, "batch_size": 2, "crop": [64, 64], "warmup_iterations": 1}
+TINY_MODEL = NetworkConfig(layers=4, base_channels=4, num_classes=19)
+TINY_TRAIN = TrainConfig(iterations=2, batch_size=2, crop=(64, 64), warmup_iterations=1)
 
 
 @pytest.fixture(scope="module")
 def ray_with_a_gpu():
     import ray
 
-    from dynroute.platform.ray_train import init_ray
+    from dynroute.platform.train.ray_train import init_ray
 
     init_ray(num_cpus=2, num_gpus=2)
     yield
@@ -91,7 +93,7 @@ def test_a_multi_worker_gpu_rung_reports_what_the_in_task_evaluation_reports(tri
     rung evaluated by the rung task itself (CPU run) and by a task of its own (GPU run)."""
     import ray
 
-    from dynroute.platform.training import train
+    from dynroute.platform.train.training import train
 
     spec = TrainSpec(data=str(prepared), model=TINY_MODEL, train=TINY_TRAIN, name="rung",
                      storage=str(tmp_path / "runs"), checkpoint_every=2, log_every=2)
@@ -114,7 +116,7 @@ def _loader_sizing() -> tuple[list, int, int]:
     import ray
     import torch
 
-    from dynroute.platform import fast_path
+    from dynroute.platform.device import fast_path
 
     return (ray.get_gpu_ids(), fast_path.machine_gpus(),
             fast_path.loader_workers(torch.device("cuda"), cores=16))

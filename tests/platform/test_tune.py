@@ -18,17 +18,18 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from dynroute.models import BUDGETS
-from dynroute.platform import study as S
-from dynroute.platform import trial as TR
-from dynroute.platform import tune as T
-from dynroute.platform.training import TrackingSpec, TrainSpec
+from dynroute.models import BUDGETS, NetworkConfig
+from dynroute.platform.search import study as S
+from dynroute.platform.search import trial as TR
+from dynroute.platform.search import tune as T
+from dynroute.platform.train.recipe import TrainConfig
+from dynroute.platform.train.spec import TrackingSpec, TrainSpec
 
 BIN = Path(sys.executable).parent
 SPACE = {"train.lambda2": {"low": 0.05, "high": 1.5, "log": True},
          "train.mu": {"low": 0.0, "high": 0.6}}
-TINY_MODEL = {"layers": 4, "base_channels": 4, "num_classes": 19}
-TINY_TRAIN = {"iterations": 4, "batch_size": 2, "crop": [64, 64], "warmup_iterations": 1}
+TINY_MODEL = NetworkConfig(layers=4, base_channels=4, num_classes=19)
+TINY_TRAIN = TrainConfig(iterations=4, batch_size=2, crop=(64, 64), warmup_iterations=1)
 
 
 def search(tmp_path: Path, **overrides) -> S.SearchSpec:
@@ -127,8 +128,8 @@ def test_trial_spec_applies_params_and_names_the_run(tmp_path, prepared):
     spec = TR.trial_spec(search(tmp_path, iterations=7), base_spec(prepared),
                         {"train.lambda2": 0.3, "model.base_channels": 8}, run_name="s-t004",
                         parent_run_id="parent", tags={"study": "s"})
-    assert spec.train["lambda2"] == 0.3 and spec.train["iterations"] == 7
-    assert spec.model["base_channels"] == 8
+    assert spec.train.lambda2 == 0.3 and spec.train.iterations == 7
+    assert spec.model.base_channels == 8
     assert spec.name == spec.tracking.run_name == "s-t004"
     assert spec.storage == str(tmp_path / "tune" / "trials")
     assert spec.tracking.parent_run_id == "parent" and spec.tracking.tags == {"study": "s"}
@@ -206,7 +207,7 @@ def write_params(path: Path, data: Path, **tune) -> Path:
     params = {
         "data": {"prepared": str(data)},
         "model": {"layers": 4, "base_channels": 4},
-        "train": TINY_TRAIN | {"iterations": 24},
+        "train": {"iterations": 24, "batch_size": 2, "crop": [64, 64], "warmup_iterations": 1},
         "run": {"checkpoint_every": 2, "log_every": 2, "max_failures": 1},
         "evaluate": {"cost_resolution": [64, 128]},
         "tracking": {"uri": "none"},
@@ -318,7 +319,7 @@ def test_resume_after_the_driver_is_killed(prepared, tmp_path):
 def ray_cluster():
     import ray
 
-    from dynroute.platform.ray_train import init_ray
+    from dynroute.platform.train.ray_train import init_ray
 
     init_ray(num_cpus=2)
     yield
@@ -327,7 +328,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    from dynroute.platform.tracking import MlflowServer
+    from dynroute.platform.tracking.server import MlflowServer
 
     with MlflowServer(root=tmp_path_factory.mktemp("mlruns")) as server:
         yield server
@@ -348,7 +349,7 @@ def test_a_tracked_study_with_mo_asha_writes_trials_and_child_runs(ray_cluster, 
     spec = search(tmp_path, num_samples=2, max_concurrent=1, scheduler="mo-asha",
                   grace_period=2, reduction_factor=2)
     base = base_spec(prepared, mlflow_server.uri)
-    base = replace(base, train=base.train | {"budget_start": 0.5})
+    base = replace(base, train=replace(base.train, budget_start=0.5))
     path = T.run_study(spec, base, on_trial=lambda entry, done, total: seen.append(
         (entry["id"], entry["state"], done, total)))
     document = json.loads(path.read_text())

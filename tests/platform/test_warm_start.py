@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynroute.platform import ray_train
-from dynroute.platform.training import STATE_FILE
-from dynroute.platform.warm_start import prefix_steps, seed_run
+from dynroute.models import NetworkConfig
+from dynroute.platform.search.warm_start import prefix_steps, seed_run
+from dynroute.platform.train import ray_train
+from dynroute.platform.train.checkpoints import STATE_FILE
+from dynroute.platform.train.recipe import TrainConfig
 
 BUDGET = frozenset({"train.lambda2", "train.mu"})
 
@@ -76,13 +78,14 @@ def test_a_warm_started_trial_ends_bit_for_bit_where_a_cold_one_does(prepared, t
     per worker and step: starting from the shared steps is exact, not an approximation."""
     from dataclasses import replace
 
-    from dynroute.platform.training import TrackingSpec, TrainSpec, train
+    from dynroute.platform.train.spec import TrackingSpec, TrainSpec
+    from dynroute.platform.train.training import train
 
     def spec(name: str, lambda2: float, mu: float) -> TrainSpec:
         return TrainSpec(
-            data=str(prepared), model={"layers": 4, "base_channels": 4, "drop_path_prob": 0.3},
-            train={"iterations": 10, "batch_size": 2, "crop": [64, 64], "warmup_iterations": 2,
-                   "budget_start": 0.4, "lambda2": lambda2, "mu": mu},
+            data=str(prepared), model=NetworkConfig(layers=4, base_channels=4, drop_path_prob=0.3),
+            train=TrainConfig(iterations=10, batch_size=2, crop=[64, 64], warmup_iterations=2,
+                   budget_start=0.4, lambda2=lambda2, mu=mu),
             name=name, storage=str(tmp_path / "runs"), checkpoint_every=5, log_every=5,
             tracking=TrackingSpec(uri=None))
 

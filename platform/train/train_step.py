@@ -19,9 +19,9 @@ from torch import nn
 from dynroute.models import BudgetLoss
 from dynroute.models.cost import CostModel
 from dynroute.models.losses import segmentation_loss
-from dynroute.platform.cuda_graph import GraphedStep, sgd_unsupported, sgd_update
-from dynroute.platform.fast_path import FastPath
-from dynroute.platform.recipe import TrainConfig, clip_gradients
+from dynroute.platform.device.cuda_graph import GraphedStep, sgd_unsupported, sgd_update
+from dynroute.platform.device.fast_path import FastPath
+from dynroute.platform.train.recipe import TrainConfig, clip_gradients
 
 
 def graph_blocker(layout: FastPath, device: torch.device, *, distributed: bool,

@@ -44,32 +44,23 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from dynroute.platform.metric_sender import MetricSender
-from dynroute.platform.mlflow_client import (
+from dynroute.platform.tracking.client import (
     MAX_PARAM_VALUE_CHARS,
     MAX_TAG_VALUE_CHARS,
     PARAMS_TAGS_PER_BATCH,
-    ArtifactStoreError,
     configure_http_client,
     storing,
     truncate,
 )
-from dynroute.platform.mlflow_server import MlflowServer, MlflowServerError
-from dynroute.platform.model_logging import log_pytorch_model
-from dynroute.platform.provenance import flatten
+from dynroute.platform.tracking.metric_sender import MetricSender
+from dynroute.platform.tracking.model_logging import log_pytorch_model
+from dynroute.platform.tracking.provenance import flatten
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = [
-    "MAX_PARAM_VALUE_CHARS",
-    "ArtifactStoreError",
-    "MlflowServer",
-    "MlflowServerError",
-    "RunStatus",
-    "Tracker",
-]
+__all__ = ["RunStatus", "Tracker"]
 
 logger = logging.getLogger(__name__)
 

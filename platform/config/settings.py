@@ -226,7 +226,7 @@ class Settings:
     @classmethod
     def render(cls, params: Any, *, env: Mapping[str, str] | None = None,
                root: str | Path = ".") -> Settings:
-        """Render from a `dynroute.pipelines.params.Params` and `env` (default: os.environ).
+        """Render from a `dynroute.platform.config.params.Params` and `env` (default: os.environ).
 
         `root` is the repository root: relative paths of params.yaml and .dvc/ are read from it.
         Raises SettingsError naming the params key or environment variable that is wrong.

@@ -80,7 +80,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from dynroute.platform import metrics as M
-from dynroute.platform.study import (
+from dynroute.platform.search.study import (
     CONSTRAINT_ATTR,
     PARENT_RUN_ATTR,
     REPORT_KEYS,
@@ -98,9 +98,15 @@ from dynroute.platform.study import (
     seed_points,
     write_trials,
 )
-from dynroute.platform.training import TrainSpec
-from dynroute.platform.trial import TrialSetup, end_trial_run, run_trial, train_prefix, trial_spec
-from dynroute.platform.warm_start import prefix_spec, prefix_steps
+from dynroute.platform.search.trial import (
+    TrialSetup,
+    end_trial_run,
+    run_trial,
+    train_prefix,
+    trial_spec,
+)
+from dynroute.platform.search.warm_start import prefix_spec, prefix_steps
+from dynroute.platform.train.spec import TrainSpec
 
 
 class _StudySearch(OptunaSearch):
@@ -194,7 +200,7 @@ class _StudyCallback(tune.Callback):
         name = trial.config.get("run_name")
         if not (self.base.tracking.uri and self.parent_id and name):
             return None
-        from dynroute.platform.tracking import Tracker
+        from dynroute.platform.tracking.tracker import Tracker
 
         tracker = Tracker(uri=self.base.tracking.uri, experiment=self.base.tracking.experiment)
         return tracker.find_child_run(run_name=name, parent_run_id=self.parent_id)
@@ -211,7 +217,7 @@ def _parent_run(spec: SearchSpec, base: TrainSpec, study):
     """(tracker with the study's parent run active, its id), or (None, None) without MLflow."""
     if not base.tracking.uri:
         return None, None
-    from dynroute.platform.tracking import Tracker
+    from dynroute.platform.tracking.tracker import Tracker
 
     tracker = Tracker(uri=base.tracking.uri, experiment=base.tracking.experiment)
     known = study.user_attrs.get(PARENT_RUN_ATTR)
@@ -241,9 +247,9 @@ def run_study(search: SearchSpec, base: TrainSpec, *, resume: bool = False,
             figures; trials done in the study; num_samples).
         verbose: Ray Tune's console verbosity (0 silent, 1 status tables).
     """
-    from dynroute.platform import ray_train
-    from dynroute.platform.mo_asha import MOASHA
-    from dynroute.platform.shards import read_manifest
+    from dynroute.platform.data.shards import read_manifest
+    from dynroute.platform.search.mo_asha import MOASHA
+    from dynroute.platform.train import ray_train
 
     if "://" not in base.data:
         base = replace(base, data=os.path.abspath(base.data))
@@ -293,7 +299,7 @@ def _shared_start(search: SearchSpec, base: TrainSpec, parent_id: str | None,
                             tags={})
     steps = prefix_steps(searched=set(search.ranges), stops=search.stops,
                          iterations=search.iterations,
-                         budget_start=trial_base.recipe.budget_start)
+                         budget_start=trial_base.train.budget_start)
     if not steps:
         print("tune: every trial trains from scratch (a shared start needs a space of only "
               "train.lambda2 / train.mu and rungs after train.budget_start)", file=sys.stderr)

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import ray
 from ray import tune
 
 from dynroute.platform import metrics as M
-from dynroute.platform import ray_train
-from dynroute.platform.study import SEEDED_ATTR, STEP, SearchSpec, apply_params, check_report
-from dynroute.platform.training import STATE_FILE, TrainSpec
-from dynroute.platform.warm_start import WARM_START_TAG, seed_run
+from dynroute.platform.search.study import SEEDED_ATTR, STEP, SearchSpec, apply_params, check_report
+from dynroute.platform.search.warm_start import WARM_START_TAG, seed_run
+from dynroute.platform.train import ray_train
+from dynroute.platform.train.checkpoints import STATE_FILE, completed_checkpoint
+from dynroute.platform.train.spec import TrainSpec
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def trial_spec(search: SearchSpec, base: TrainSpec, params: Mapping[str, object]
     """The training of one trial: its params, its deterministic name, a child MLflow run."""
     spec = apply_params(base, params)
     return replace(spec, name=run_name, storage=trial_storage(search, base),
-                   train=dict(spec.train) | {"iterations": search.iterations},
+                   train=replace(spec.train, iterations=search.iterations),
                    tracking=replace(spec.tracking, run_name=run_name,
                                     parent_run_id=parent_run_id,
                                     tags=dict(spec.tracking.tags) | dict(tags)))
@@ -80,7 +80,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
 def train_prefix(spec_dict: dict) -> tuple[str, str | None]:
     """Train the study's shared prefix (warm_start.py; a training paused at step P, or found
     there already) and end its MLflow run FINISHED: (its checkpoint, the run id)."""
-    from dynroute.platform.training import train
+    from dynroute.platform.train.training import train
 
     spec = TrainSpec.from_dict(spec_dict)
     result = train(spec)
@@ -97,25 +97,15 @@ def train_prefix(spec_dict: dict) -> tuple[str, str | None]:
     return str(checkpoint), run_id
 
 
-def _completed_checkpoint(spec: TrainSpec) -> Path | None:
-    """The final checkpoint of a local run that already trained to the end, else None."""
-    if "://" in spec.storage:
-        return None
-    from dynroute.platform.ray_train import CHECKPOINT_PREFIX
-
-    folder = Path(spec.storage) / spec.name / f"{CHECKPOINT_PREFIX}{spec.recipe.iterations:08d}"
-    return folder if (folder / STATE_FILE).is_file() else None
-
-
 def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
                        cost_resolution: tuple[int, int]) -> dict:
     """Train `spec` up to `stop` (None: the end), evaluate its checkpoint on `split` with hard
     routing, log the figures to its MLflow run; the report (objectives, GFLOPs, step, ids)."""
     spec = TrainSpec.from_dict(spec_dict)
     final = stop is None
-    checkpoint = _completed_checkpoint(spec) if final else None
+    checkpoint = completed_checkpoint(spec) if final else None
     if checkpoint is None:  # else: trained to the end before a restart; do not log it twice
-        from dynroute.platform.training import train
+        from dynroute.platform.train.training import train
 
         checkpoint = train(replace(spec, stop_at=stop)).checkpoint
     if checkpoint is None:
@@ -131,7 +121,7 @@ def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
             task = ray.remote(evaluate_checkpoint).options(**options)
             figures = ray.get(task.remote(spec_dict, str(checkpoint), split=split,
                                           cost_resolution=cost_resolution))
-        report = figures | {STEP: step, "iterations": spec.recipe.iterations,
+        report = figures | {STEP: step, "iterations": spec.train.iterations,
                             "checkpoint": str(checkpoint), "mlflow_run_id": run_id or ""}
         check_report(report, where=f"{spec.name} at step {step}")
     except Exception:  # the trial fails: so does its run (the training may have finished it)
@@ -178,10 +168,10 @@ def _evaluate(spec: TrainSpec, weights: dict, *, split: str,
     import torch
 
     from dynroute.models import build_network
-    from dynroute.platform.dataset import ShardDataset
-    from dynroute.platform.evaluation import evaluate
-    from dynroute.platform.fast_path import inference_device
-    from dynroute.platform.shards import read_manifest
+    from dynroute.platform.data.dataset import ShardDataset
+    from dynroute.platform.data.shards import read_manifest
+    from dynroute.platform.device.fast_path import inference_device
+    from dynroute.platform.evaluate.evaluation import evaluate
 
     network = build_network(spec.network)
     network.load_state_dict(weights)
@@ -200,7 +190,7 @@ def _evaluate(spec: TrainSpec, weights: dict, *, split: str,
 def _log_evaluation(spec: TrainSpec, run_id: str, figures: dict, *, step: int,
                     final: bool) -> None:
     """Rung and final figures on the trial's run; the final ones end it FINISHED."""
-    from dynroute.platform.tracking import Tracker
+    from dynroute.platform.tracking.tracker import Tracker
 
     tracker = Tracker(uri=spec.tracking.uri, experiment=spec.tracking.experiment)
     tracker.resume_run(run_id)
@@ -208,7 +198,7 @@ def _log_evaluation(spec: TrainSpec, run_id: str, figures: dict, *, step: int,
     if not final:
         tracker.flush()  # the training goes on in this run at the next rung
         return
-    lambda2, mu = spec.recipe.budget_weights
+    lambda2, mu = spec.train.budget_weights
     tracker.log_params({"lambda2": lambda2, "mu": mu})
     tracker.end_run("FINISHED")
 
@@ -216,6 +206,6 @@ def _log_evaluation(spec: TrainSpec, run_id: str, figures: dict, *, step: int,
 def end_trial_run(uri: str | None, experiment: str, run_id: str | None, status: str) -> None:
     if not uri or not run_id:
         return
-    from dynroute.platform.tracking import Tracker
+    from dynroute.platform.tracking.tracker import Tracker
 
     Tracker(uri=uri, experiment=experiment).terminate(run_id, status)

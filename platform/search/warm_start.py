@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from dynroute.platform import ray_train
-from dynroute.platform.training import STATE_FILE, TrainSpec
+from dynroute.platform.train import ray_train
+from dynroute.platform.train.checkpoints import STATE_FILE
+from dynroute.platform.train.spec import TrainSpec
 
 BUDGET_ONLY_KEYS = frozenset({"train.lambda2", "train.mu"})
 PREFIX_SUFFIX = "prefix"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from dynroute.platform.metrics import GFLOPS_MEAN, MIOU
-from dynroute.platform.pareto import Point, non_dominated_sort
+from dynroute.platform.pareto.analysis import Point, non_dominated_sort
 
 STEP = "step"
 

@@ -1,5 +1,10 @@
 """`params.yaml`, the single source of truth for every stage, as frozen dataclasses.
 
+The sections are the dataclasses of the rooms that use them, declared once: `model` is
+models.NetworkConfig, `train` train/recipe.py's TrainConfig, `run` train/spec.py's RunSettings
+(which TrainSpec inherits), `tune` search/study.py's TuneSettings (which SearchSpec inherits).
+The sections only the stages read (synth, data, evaluate, tracking, registry) live here.
+
 Unknown keys are refused with the key's full name, so a typo never silently falls back to a
 default. DVC stages read their values through `dvc.yaml` templating (`${data.raw}`) and depend on
 the individual keys; Python code loads the same file through `load_params`.
@@ -16,7 +21,9 @@ from pathlib import Path
 import yaml
 
 from dynroute.models import NetworkConfig
-from dynroute.platform.recipe import TrainConfig
+from dynroute.platform.search.study import TuneSettings
+from dynroute.platform.train.recipe import TrainConfig
+from dynroute.platform.train.spec import RunSettings
 
 
 class ParamsError(ValueError):
@@ -51,23 +58,6 @@ class DataParams:
 
 
 @dataclass(frozen=True)
-class RunParams:
-    """How a training runs: where, on how many Ray workers, how often it checkpoints."""
-
-    name: str = "train"
-    storage: str = "artifacts/runs"  # local path or s3://bucket/prefix (Ray storage)
-    workers: int = 0  # Ray Train workers; 0 runs the loop in this process
-    use_gpu: bool = False
-    loader_workers: int | None = None  # None: fast_path.loader_workers (CUDA: cores per GPU)
-    checkpoint_every: int = 50
-    log_every: int = 10
-    max_failures: int = 2
-    fast: bool = True  # the device's measured fast path (platform/fast_path.py)
-    bf16: bool = False
-    channels_last: bool = False
-
-
-@dataclass(frozen=True)
 class EvaluateParams:
     split: str = "val"
     cost_resolution: tuple[int, int] = (1024, 2048)  # declared resolution of reported GFLOPs
@@ -88,37 +78,6 @@ class TrackingParams:
     experiment: str = "dynroute"
 
 
-def _default_space() -> dict:
-    return {"train.lambda2": {"low": 0.05, "high": 1.5, "log": True},
-            "train.mu": {"low": 0.0, "high": 0.6, "log": False}}
-
-
-@dataclass(frozen=True)
-class TuneParams:
-    """The budget search (`dynroute tune`): Ray Tune trials sampled by Optuna.
-
-    space: dotted params.yaml keys (train.* or model.*) → {low, high, log}. storage: an Optuna
-    journal file, or an RDB URL (postgresql://…, sqlite:///…) on a cluster. max_gflops > 0
-    switches to the hard-budget mode (best mIoU subject to real GFLOPs ≤ max_gflops).
-    """
-
-    study: str = "dynroute-budget"
-    storage: str = "artifacts/tune/optuna.journal"
-    results: str = "artifacts/tune"  # Ray Tune storage, trial runs and trials.json
-    num_samples: int = 6  # trials in all, the seeded ones included
-    max_concurrent: int = 0  # 0: as many as the CPUs (GPUs) Ray sees allow
-    trial_cpus: float = 1.0
-    seed: int = 0
-    seed_budgets: tuple[str, ...] = ("dynamic-a", "dynamic-b", "dynamic-c")
-    space: dict = field(default_factory=_default_space)
-    iterations: int = 0  # iterations per trial; 0: train.iterations
-    scheduler: str = "fifo"  # fifo | mo-asha
-    grace_period: int = 100  # mo-asha: the first rung, in iterations
-    reduction_factor: int = 2  # mo-asha: keep ~1/η of the trials at each rung
-    max_gflops: float = 0.0
-    warm_start: bool = True  # train the trials' budget-free first steps once (warm_start.py)
-
-
 @dataclass(frozen=True)
 class RegistryParams:
     """The Pareto-aware model registry (`dynroute register`)."""
@@ -133,10 +92,10 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     model: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunParams = field(default_factory=RunParams)
+    run: RunSettings = field(default_factory=RunSettings)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
-    tune: TuneParams = field(default_factory=TuneParams)
+    tune: TuneSettings = field(default_factory=TuneSettings)
     registry: RegistryParams = field(default_factory=RegistryParams)
 
 

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from dynroute.platform.pareto import ParetoSummary, Point, summarize
+from dynroute.platform.pareto.analysis import ParetoSummary, Point, summarize
 
 DPI = 120
 DOMINATED, FRONT, KNEE = "#9e9e9e", "#1f77b4", "#d62728"

@@ -27,8 +27,8 @@ from optuna.trial import TrialState
 
 from dynroute.models import BUDGETS, NetworkConfig
 from dynroute.platform import metrics as M
-from dynroute.platform.recipe import TrainConfig
-from dynroute.platform.training import TrainSpec
+from dynroute.platform.train.recipe import TrainConfig
+from dynroute.platform.train.spec import TrainSpec
 
 TRIALS_FILE = "trials.json"
 REPORT_KEYS = (M.MIOU, M.GFLOPS_MEAN, M.GFLOPS_MAX, M.GFLOPS_MIN, M.GFLOPS_P50, M.GFLOPS_P90)
@@ -154,40 +154,65 @@ def seed_points(budgets: Sequence[str], ranges: Mapping[str, Range]) -> list[tup
 
 
 def apply_params(base: TrainSpec, params: Mapping[str, object]) -> TrainSpec:
-    """`base` with the dotted `params` set in its train/model dicts (validated)."""
-    train, model = dict(base.train), dict(base.model)
+    """`base` with the dotted `params` set in its train and model sections (validated: an
+    impossible combination raises here)."""
+    changes: dict[str, dict] = {"train": {}, "model": {}}
     for key, value in params.items():
         section, _, name = key.partition(".")
-        {"train": train, "model": model}[section][name] = value
-    spec = replace(base, train=train, model=model)
-    spec.recipe, spec.network  # noqa: B018 (raise now on an impossible combination)
-    return spec
+        changes[section][name] = value
+    return replace(base, train=replace(base.train, **changes["train"]),
+                   model=replace(base.model, **changes["model"]))
 
 
 # -- settings --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SearchSpec:
-    """A budget search, resolved from params.yaml's `tune:` section (see TuneParams)."""
+def _default_space() -> dict:
+    return {"train.lambda2": {"low": 0.05, "high": 1.5, "log": True},
+            "train.mu": {"low": 0.0, "high": 0.6, "log": False}}
 
-    study: str
-    storage: str  # an Optuna journal file, or an RDB URL
-    results: str  # folder: Ray Tune state, the trials' training runs, trials.json
-    num_samples: int
-    space: Mapping[str, object]
-    iterations: int  # per trial
-    seed_budgets: tuple[str, ...] = ()
-    seed: int = 0
-    max_concurrent: int = 0  # 0: from the resources Ray reports
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """The budget search as params.yaml's `tune:` section states it (defaults: params.yaml's).
+
+    space: dotted params.yaml keys (train.* or model.*) → {low, high, log}. storage: an Optuna
+    journal file, or an RDB URL (postgresql://…, sqlite:///…) on a cluster. max_gflops > 0
+    switches to the hard-budget mode (best mIoU subject to real GFLOPs ≤ max_gflops).
+    """
+
+    study: str = "dynroute-budget"
+    storage: str = "artifacts/tune/optuna.journal"
+    results: str = "artifacts/tune"  # Ray Tune state, the trials' training runs, trials.json
+    num_samples: int = 6  # trials in all, the seeded ones included
+    max_concurrent: int = 0  # 0: as many as the CPUs (GPUs) Ray sees allow
     trial_cpus: float = 1.0
-    scheduler: str = "fifo"
-    grace_period: int = 100
-    reduction_factor: int = 2
-    max_gflops: float = 0.0  # > 0: hard-budget mode
+    seed: int = 0
+    seed_budgets: tuple[str, ...] = ("dynamic-a", "dynamic-b", "dynamic-c")
+    space: dict = field(default_factory=_default_space)
+    iterations: int = 0  # iterations per trial; 0: train.iterations
+    scheduler: str = "fifo"  # fifo | mo-asha
+    grace_period: int = 100  # mo-asha: the first rung, in iterations
+    reduction_factor: int = 2  # mo-asha: keep ~1/η of the trials at each rung
+    max_gflops: float = 0.0
+    warm_start: bool = True  # train the trials' budget-free first steps once (warm_start.py)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpec(TuneSettings):
+    """A budget search, resolved and checked: the `tune:` settings it inherits (`iterations`
+    resolved to at least 1), plus what it takes from the `evaluate:` and `run:` sections."""
+
     split: str = "val"
     cost_resolution: tuple[int, int] = (1024, 2048)
     max_failures: int = 1  # Tune retries of a failing trial
-    warm_start: bool = True  # trials share their budget-free first steps (warm_start.py)
     ranges: dict[str, Range] = field(init=False, repr=False, compare=False)
+
+    @classmethod
+    def resolve(cls, tune: TuneSettings, *, train_iterations: int, **given) -> SearchSpec:
+        """`tune`'s settings with `iterations` 0 meaning `train_iterations`, and the `given`
+        fields."""
+        settings = {f.name: getattr(tune, f.name) for f in dataclasses.fields(TuneSettings)}
+        settings["iterations"] = tune.iterations or train_iterations
+        return cls(**settings, **given)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranges", parse_space(self.space))
@@ -227,7 +252,7 @@ class SearchSpec:
         """Where a trial pauses to evaluate and report: the rungs, then the end."""
         if self.scheduler == "fifo":
             return (self.iterations,)
-        from dynroute.platform.mo_asha import rung_levels
+        from dynroute.platform.search.mo_asha import rung_levels
 
         return (*rung_levels(grace_period=self.grace_period,
                              reduction_factor=self.reduction_factor,
@@ -341,7 +366,7 @@ def trial_records(search: SearchSpec, base: TrainSpec, study) -> list[dict]:
             continue
         attrs = t.user_attrs
         try:
-            lambda2, mu = apply_params(base, t.params).recipe.budget_weights
+            lambda2, mu = apply_params(base, t.params).train.budget_weights
         except (KeyError, ValueError):
             lambda2 = mu = None
         complete = state == "COMPLETE"

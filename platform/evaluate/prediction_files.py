@@ -19,7 +19,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 from PIL import Image
 
-from dynroute.platform.shards import IGNORE_INDEX
+from dynroute.platform.data.shards import IGNORE_INDEX
 
 PredictionFormat = Literal["cityscapes", "voc"]
 

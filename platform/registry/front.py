@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynroute.platform.pareto import Point, budget_buckets, knee_point
+from dynroute.platform.pareto.analysis import Point, budget_buckets, knee_point
 
 __all__ = [
     "ALIAS_BEST_MIOU",

@@ -221,7 +221,7 @@ def place_checkpoint(folder: Path, *, run_dir: str, step: int) -> str:
     all. Returns where it went."""
     import pyarrow.fs as pafs
 
-    from dynroute.platform.shards import filesystem_for, join
+    from dynroute.platform.data.shards import filesystem_for, join
 
     fs, base = filesystem_for(run_dir)
     name = f"{CHECKPOINT_PREFIX}{step:08d}"
@@ -249,7 +249,7 @@ def _persisted_names(run_dir: str) -> list[tuple[str, str]]:
     storage folder (local path or URI)."""
     import pyarrow.fs as pafs
 
-    from dynroute.platform.shards import filesystem_for
+    from dynroute.platform.data.shards import filesystem_for
 
     fs, base = filesystem_for(run_dir)
     try:
@@ -265,7 +265,7 @@ def _persisted(run_dir: str) -> list[tuple[int, object]]:
     """(step, Checkpoint) of the checkpoint folders under the run's storage folder."""
     from ray.train import Checkpoint
 
-    from dynroute.platform.shards import filesystem_for
+    from dynroute.platform.data.shards import filesystem_for
 
     fs, _ = filesystem_for(run_dir)
     return [(_step_of(name), Checkpoint(path, filesystem=fs))

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dynroute.models.stem import PIXEL_MEAN_BGR
-from dynroute.platform.shards import IGNORE_INDEX
+from dynroute.platform.data.shards import IGNORE_INDEX
 
 # The reference implementation's scale set (the paper says "0.5 to 2.0").
 SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)

@@ -20,89 +20,39 @@ and, at the end, the model, which ends the run FINISHED.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dynroute.models import BudgetLoss, BudgetSchedule, NetworkConfig, build_network
-from dynroute.platform import fast_path, ray_train
+from dynroute.models import BudgetLoss, BudgetSchedule, build_network
 from dynroute.platform import metrics as M
-from dynroute.platform.dataset import ShardDataset
-from dynroute.platform.recipe import (
+from dynroute.platform.data.dataset import ShardDataset
+from dynroute.platform.data.shards import read_manifest
+from dynroute.platform.device import fast_path
+from dynroute.platform.tracking.provenance import flatten, git_commit, params_hash
+from dynroute.platform.tracking.tracker import Tracker
+from dynroute.platform.train import checkpoints, ray_train
+from dynroute.platform.train.recipe import (
     TrainConfig,
     build_optimizer,
     check_finite,
-    network_for_budget,
     set_lr,
     steps_per_epoch,
 )
-from dynroute.platform.shards import read_manifest
-from dynroute.platform.train_step import TrainStep, graph_blocker
+from dynroute.platform.train.spec import TrainSpec
+from dynroute.platform.train.train_step import TrainStep, graph_blocker
 
 log = logging.getLogger("dynroute.train")
-STATE_FILE = "state.pt"
-SPEC_FILE = "spec.json"
 _DROP_PATH_STREAM = 2  # the dataset's streams are 0 (permutation) and 1 (augmentation)
-
-
-@dataclass(frozen=True)
-class TrackingSpec:
-    uri: str | None = None  # None: no tracking
-    experiment: str = "dynroute"
-    run_name: str = "train"
-    parent_run_id: str | None = None
-    tags: dict = field(default_factory=dict)
-    run_id: str | None = None  # the run the workers log into; set by `train`
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """Everything a worker needs; JSON-able so it travels to Ray workers and into checkpoints."""
-
-    data: str  # prepared dataset root (path or s3://)
-    model: dict  # NetworkConfig fields
-    train: dict  # TrainConfig fields
-    name: str = "train"
-    storage: str = "runs"
-    workers: int = 0
-    use_gpu: bool = False
-    loader_workers: int | None = None  # None: the resumed checkpoint's, else fast_path's
-    checkpoint_every: int = 100
-    log_every: int = 10
-    max_failures: int = 2
-    stop_at: int | None = None  # pause after this step (a checkpoint there); a later call resumes
-    fast: bool = True  # the measured fast path of this device (fast_path.py); False: plain fp32
-    bf16: bool = False
-    channels_last: bool = False
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainSpec:
-        data = dict(data)
-        data["tracking"] = TrackingSpec(**data.get("tracking", {}))
-        return cls(**data)
-
-    @property
-    def recipe(self) -> TrainConfig:
-        return TrainConfig(**self.train)
-
-    @property
-    def network(self) -> NetworkConfig:
-        return network_for_budget(NetworkConfig.from_dict(self.model), self.recipe.budget)
 
 
 def train(spec: TrainSpec) -> ray_train.FitResult:
     """Run a training (in this process with workers=0, else on Ray Train workers)."""
-    spec.recipe, spec.network  # noqa: B018 (validate on the driver, before any worker starts)
     if "://" not in spec.data:  # workers run elsewhere (other folders, other nodes)
         spec = replace(spec, data=os.path.abspath(spec.data))
     manifest = read_manifest(spec.data)  # fail early and clearly when the data is missing
@@ -131,10 +81,9 @@ def _open_run(spec: TrainSpec, manifest):
     """
     if spec.tracking.uri is None:
         return spec, None
-    from dynroute.platform.provenance import flatten, git_commit, params_hash
-
     tracker = _tracker(spec, True)
-    state = ray_train.latest_state(_run_dir(spec), name=STATE_FILE, in_worker=False)
+    state = ray_train.latest_state(checkpoints.run_dir(spec), name=checkpoints.STATE_FILE,
+                                   in_worker=False)
     run_id = state.get("mlflow_run_id") if isinstance(state, dict) else None
     if run_id is not None and tracker.run_exists(run_id):
         return replace(spec, tracking=replace(spec.tracking, run_id=run_id)), tracker
@@ -147,12 +96,13 @@ def _open_run(spec: TrainSpec, manifest):
         if run_id is not None:
             return replace(spec, tracking=replace(spec.tracking, run_id=run_id)), tracker
     tags = {"git_commit": git_commit() or "unknown", "data_hash": manifest.content_hash,
-            "params_hash": params_hash({"model": spec.model, "train": spec.train}),
+            "params_hash": params_hash({"model": spec.to_dict()["model"],
+                                        "train": asdict(spec.train)}),
             "dataset": manifest.dataset, **spec.tracking.tags}
     run_id = tracker.start_run(run_name=spec.tracking.run_name, tags=tags,
                                parent_run_id=spec.tracking.parent_run_id)
     tracker.log_params(flatten({"model": asdict(spec.network) | {"route": None},
-                                "train": spec.train, "data": spec.data,
+                                "train": asdict(spec.train), "data": spec.data,
                                 "workers": spec.workers}))
     shared = state.get("warm_start") if isinstance(state, dict) else None
     if shared and shared.get("run_id") and tracker.run_exists(shared["run_id"]):
@@ -162,15 +112,7 @@ def _open_run(spec: TrainSpec, manifest):
     return replace(spec, tracking=replace(spec.tracking, run_id=run_id)), tracker
 
 
-def _run_dir(spec: TrainSpec) -> str:
-    """The run's folder in storage, where Ray persists its checkpoints."""
-    base = spec.storage if "://" in spec.storage else os.path.abspath(spec.storage)
-    return f"{base.rstrip('/')}/{spec.name}"
-
-
 def _tracker(spec: TrainSpec, enabled: bool):
-    from dynroute.platform.tracking import Tracker
-
     return Tracker(uri=spec.tracking.uri, experiment=spec.tracking.experiment,
                    enabled=enabled and spec.tracking.uri is not None)
 
@@ -186,7 +128,7 @@ def _worker_tracker(spec: TrainSpec, me) -> tuple:
 def train_loop(config: dict) -> None:
     """The per-worker training loop (Ray Train calls it on every worker)."""
     spec = TrainSpec.from_dict(config)
-    recipe, net_config = spec.recipe, spec.network
+    recipe, net_config = spec.train, spec.network
     me = ray_train.worker()
     layout = fast_path.for_training(me.device, fast=spec.fast, channels_last=spec.channels_last,
                                     bf16=spec.bf16)
@@ -203,7 +145,7 @@ def train_loop(config: dict) -> None:
     # Batch order depends on the number of loader processes, so a resume keeps the count the
     # run started with (recorded in its checkpoints) unless one is set explicitly.
     workers = spec.loader_workers
-    state = ray_train.latest_state(_run_dir(spec), name=STATE_FILE)
+    state = ray_train.latest_state(checkpoints.run_dir(spec), name=checkpoints.STATE_FILE)
     if state is not None:
         if workers is None:
             workers = state.get("loader_workers")
@@ -274,8 +216,8 @@ def train_loop(config: dict) -> None:
             step += 1
             count += 1
             logs = step % spec.log_every == 0 or step == recipe.iterations
-            checkpoints = step % spec.checkpoint_every == 0 or step == end
-            if logs or checkpoints:  # read back, and never checkpoint past a diverged step
+            saves = step % spec.checkpoint_every == 0 or step == end
+            if logs or saves:  # read back, and never checkpoint past a diverged step
                 figures = _metrics(sums, count, lr, step, started)
                 check_finite({k: figures[k] for k in _CHECKED}, f"in steps {step - count + 1}-"
                              f"{step}")
@@ -287,7 +229,7 @@ def train_loop(config: dict) -> None:
                     if me.is_chief:
                         line = _progress_line(last_metrics, step, recipe.iterations, started)
                         print(line, flush=True)
-            if checkpoints:
+            if saves:
                 _checkpoint(network, optimizer, step, run_id, history, spec, me, last_metrics)
         skip = 0
     if me.is_chief:
@@ -330,10 +272,9 @@ def _checkpoint(network, optimizer, step, run_id, history, spec, me, metrics) ->
     `loader_workers` (the loader processes the run's batch order comes from)."""
     with ray_train.checkpoint_dir(step) as folder:
         if me.is_chief:
-            torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step, "mlflow_run_id": run_id, **history},
-                       folder / STATE_FILE)
-            (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+            checkpoints.write(folder, spec=spec, state={
+                "model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "mlflow_run_id": run_id, **history})
         report = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         ray_train.report(report | {"step": step},
                          checkpoint=folder if me.is_chief else None, step=step)

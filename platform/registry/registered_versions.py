@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from dynroute.platform import metrics
-from dynroute.platform.front import RegistryError
-from dynroute.platform.mlflow_client import configure_http_client
+from dynroute.platform.registry.front import RegistryError
+from dynroute.platform.tracking.client import configure_http_client
 
 __all__ = ["RegisteredVersion", "all_versions", "describe_versions", "read_versions",
            "registry_client"]

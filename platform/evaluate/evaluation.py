@@ -41,13 +41,14 @@ from dynroute.models import DynamicRoutingNetwork
 from dynroute.models.route_statistics import RouteStatistics
 from dynroute.models.routing_space import NodeId
 from dynroute.models.routing_space import Path as RoutePath
-from dynroute.platform import fast_path, metrics
-from dynroute.platform.prediction_files import (
+from dynroute.platform import metrics
+from dynroute.platform.data.shards import IGNORE_INDEX
+from dynroute.platform.device import fast_path
+from dynroute.platform.evaluate.prediction_files import (
     PredictionFormat,
     cityscapes_label_ids,
     write_prediction,
 )
-from dynroute.platform.shards import IGNORE_INDEX
 
 PER_IMAGE_COLUMNS = ("id", "gflops", "latency_ms", "pixel_accuracy")
 

@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dynroute.platform.augment import SCALES, eval_sample, train_sample
-from dynroute.platform.shards import (
+from dynroute.platform.data.augment import SCALES, eval_sample, train_sample
+from dynroute.platform.data.shards import (
     SCHEMA,
     ManifestError,
     ShardInfo,

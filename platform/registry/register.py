@@ -36,7 +36,8 @@ from mlflow.exceptions import MlflowException
 
 from dynroute.platform import metrics
 from dynroute.platform.files import write_json_atomic
-from dynroute.platform.front import (
+from dynroute.platform.pareto.analysis import Point
+from dynroute.platform.registry.front import (
     Front,
     RegistryError,
     automatic_budget_edges,
@@ -45,9 +46,7 @@ from dynroute.platform.front import (
     load_front,
     model_name,
 )
-from dynroute.platform.mlflow_client import MAX_TAG_VALUE_CHARS, truncate
-from dynroute.platform.pareto import Point
-from dynroute.platform.registered_versions import (
+from dynroute.platform.registry.registered_versions import (
     TAG_PARETO,
     TAG_RANK,
     TAG_RESOLUTION,
@@ -58,6 +57,7 @@ from dynroute.platform.registered_versions import (
     describe_versions,
     registry_client,
 )
+from dynroute.platform.tracking.client import MAX_TAG_VALUE_CHARS, truncate
 
 __all__ = [
     "SERVICE_ERRORS",

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from dynroute.platform.front import RegistryError
-from dynroute.platform.registered_versions import read_versions
+from dynroute.platform.registry.front import RegistryError
+from dynroute.platform.registry.registered_versions import read_versions
 
 __all__ = ["Selection", "select_version"]
 
