@@ -2,14 +2,15 @@
 #   make run     install (if needed), run the whole pipeline on the embedded synthetic data
 #                (dvc repro: synth → prepare → train → evaluate → tune → pareto → register),
 #                then print what it produced
-#   make test    install (if needed), lint, run the test suite (what CI runs)
+#   make test    install (if needed), the system packages the tests use as services (Chromium,
+#                PostgreSQL; infra/dev/test-services.sh), lint, run the test suite (what CI runs)
 #   make bench   the benchmarks at full size (minutes on a 2-core CPU)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install services run test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +27,10 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+services:
+	bash infra/dev/test-services.sh
+
+test: services lint
 	$(BIN)/pytest
 
 bench: $(STAMP)
