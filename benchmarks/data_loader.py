@@ -1,4 +1,4 @@
-"""Can one CPU core decode and augment fast enough to feed training? (model.md §1, §9)
+"""Can one CPU core decode and augment fast enough to feed training? (docs/model.md §1, §9)
 
 Writes synthetic shards with `ShardWriter` into a temporary folder and streams them through
 `ShardDataset` on one thread (`torch.set_num_threads(1)`, no DataLoader workers), in one run for

@@ -1,4 +1,4 @@
-"""Does inference time follow the real FLOPs of the route taken? (model.md §5, paper Eq. 5–6)
+"""Does inference time follow the real FLOPs of the route taken? (docs/model.md §5, paper Eq. 5–6)
 
 Forces routes through the real gates of one dynamic network (`pin_gate`) and measures, in one run,
 each scenario's real-FLOPs ratio and latency ratio against every path open:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Everything issue 7 still needs measured on a GPU, as one device call (~7 minutes on one H200).
+# Every GPU figure the fast paths still need measured, as one device call (~7 minutes on one H200).
 #
 #   bash benchmarks/gpu_session.sh [BASELINE_MODELS_DIR]
 #
 # Runs, from the repository root, with nothing but PyTorch:
 #   1. gpu_bench.py with its compile cases (training, inference incl. the batch-1 row graphs,
-#      dynamic savings), the table issue 7 asks for;
+#      dynamic savings), the goals' table;
 #   2. graph_step_check.py: the graphed training step against the eager one;
 #   3. with BASELINE_MODELS_DIR (an older models/, e.g. `git archive REV models | tar -x -C base`,
 #      left untracked so that the device copy carries it): the training and inference sections

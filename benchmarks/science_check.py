@@ -1,4 +1,4 @@
-"""Science check on the synthetic data: does the method behave as the paper says? (issue 4)
+"""Science check on the synthetic data: does the method behave as the paper says?
 
 In one run, on a fresh synthetic Cityscapes set, it trains the same network twice in-process,
 once without a budget (Dynamic-Raw) and once with a Dynamic-A-like budget (λ2 = 0.8, μ = 0.1 and

@@ -1,4 +1,4 @@
-"""The cell of a routing node: H = SepBlock(X) + X (paper Eq. 1, model.md §3).
+"""The cell of a routing node: H = SepBlock(X) + X (paper Eq. 1, docs/model.md §3).
 
 The identity branch has no parameters (C_in = C_out). The SepBlock has variants for the paper's
 cell ablation (Table 2), all built as flat Sequentials:

@@ -1,4 +1,4 @@
-"""Cost accounting: expected and real FLOPs at a declared resolution (paper Eq. 7–8; model.md §7).
+"""Cost accounting: expected and real FLOPs at a declared resolution (Eq. 7–8; docs/model.md §7).
 
 FLOPs are the paper's "Multi-Adds", computed analytically by walking the network's own modules at
 a *declared* input size (1024×2048 for Cityscapes tables, 512×512 for VOC), whatever tensor is fed:

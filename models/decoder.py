@@ -1,4 +1,4 @@
-"""The naive decoder, the classifier and the optional PSP head (paper §3.1, model.md §6).
+"""The naive decoder, the classifier and the optional PSP head (paper §3.1, docs/model.md §6).
 
 Coarse to fine, fusion by sum, each conv 1×1 (no bias) + BN + ReLU:
 

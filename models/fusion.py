@@ -1,4 +1,4 @@
-"""Batch-norm folding for inference (issue 7): each conv → BN pair becomes one conv with a bias.
+"""Batch-norm folding for inference: each conv → BN pair becomes one conv with a bias.
 
 In eval mode a BN layer is a fixed affine map per channel, so a conv followed by it is one conv:
 

@@ -1,4 +1,4 @@
-"""The soft conditional gate (paper Eq. 2–3, §4.4.2; model.md §4).
+"""The soft conditional gate (paper Eq. 2–3, §4.4.2; docs/model.md §4).
 
 It reads the aggregated input X of a node (not the cell output H):
 

@@ -1,4 +1,4 @@
-"""Per-sample routing at batch 1, replayed from CUDA graphs piece by piece (issue 7).
+"""Per-sample routing at batch 1, replayed from CUDA graphs piece by piece.
 
 Why: profiled on an H200 (benchmarks/gpu_profile.py), the batch-1 hard forward at 1024×2048 kept
 the GPU busy only 27–44% of its wall time: the host, launching ~1,400 operators, is slower than

@@ -1,4 +1,4 @@
-"""Primitive layers shared by the network's parts (model.md §1, §3).
+"""Primitive layers shared by the network's parts (docs/model.md §1, §3).
 
 Every block is an `nn.Sequential` of primitives (conv, BN, ReLU, pooling, resizing) so that the
 analytic cost model in `cost.py` can walk it layer by layer; nothing here reads a global config.
@@ -54,7 +54,7 @@ class Resize(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """He-normal (fan_in) for every conv, BN weight 1 / bias 0, conv biases 0 (model.md §1).
+    """He-normal (fan_in) for every conv, BN weight 1 / bias 0, conv biases 0 (docs/model.md §1).
 
     Blocks that need another bias (the gate's 1.5) set it after calling this.
     """

@@ -1,4 +1,4 @@
-"""Losses: segmentation cross-entropy and the budget constraint (paper Eq. 9–10; model.md §7).
+"""Losses: segmentation cross-entropy and the budget constraint (paper Eq. 9–10; docs/model.md §7).
 
     L = λ1·L_seg + L_C,   L_C = λ2 · w(t) · (E / C_all − μ)²
 

@@ -1,4 +1,4 @@
-"""The dynamic routing network (paper §3, Fig. 2; model.md §1–§6).
+"""The dynamic routing network (paper §3, Fig. 2; docs/model.md §1–§6).
 
     images (B, 3, H, W), BGR mean-subtracted
       → zero-pad to a multiple of 32 → stem (1/4) → init cell → L rows of nodes → decoder → head
@@ -13,7 +13,7 @@ Two forwards share the same modules:
   the samples that opened it, so the result equals running every sample alone.
 
 A `Route` restricts the network to a subset of the routing space; with `gate="fixed"` that is a
-static network that contains only the route's cells and paths (model.md §8).
+static network that contains only the route's cells and paths (docs/model.md §8).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Route statistics of a dynamic network and Common-X extraction (paper §4.1, Fig. 4; model.md §8).
+"""Route statistics of a dynamic network and Common-X extraction (Fig. 4; docs/model.md §8).
 
 At inference the network reports, for every node (row, scale) of its route, the init cell
 included, the gate values α of shape (B, g) in the order `route.paths_of(node)` (keep, up, down).

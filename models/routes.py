@@ -1,4 +1,4 @@
-"""Routes as data: the paths a network uses in the routing space (paper Fig. 3; model.md §8).
+"""Routes as data: the paths a network uses in the routing space (paper Fig. 3; docs/model.md §8).
 
 A route is a set of `Path`s. Its cells are the sources of its paths (the init cell included), so a
 route needs no separate list of cells. A valid route is connected both ways: every routing cell on

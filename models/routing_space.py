@@ -1,4 +1,4 @@
-"""The routing space of the dynamic routing network (paper §3.1, Fig. 2; model.md §2).
+"""The routing space of the dynamic routing network (paper §3.1, Fig. 2; docs/model.md §2).
 
 Pure geometry, no tensors: which nodes exist, which scale-transform paths leave each node, and
 which paths arrive at each node. Everything else (modules, cost, routes) is built from this.

@@ -1,4 +1,4 @@
-"""Static architectures modelled in the routing space (paper §4.1, Fig. 3, Table 1; model.md §8).
+"""Static architectures modelled in the routing space (paper Fig. 3, Table 1; docs/model.md §8).
 
 With every gate fixed (α ≡ 1 on the route, absent elsewhere) the dynamic network becomes a static
 one that costs only its route. The paper compares its dynamic routes with such hand-designed

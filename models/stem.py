@@ -1,4 +1,4 @@
-"""The fixed stem that brings the image to 1/4 scale (paper §3.1, model.md §1).
+"""The fixed stem that brings the image to 1/4 scale (paper §3.1, docs/model.md §1).
 
 The paper says "three SepConv3×3"; the reference code's first layer is a dense 3×3 conv with
 padding 0, which is what we build:

@@ -1,4 +1,4 @@
-"""What a network costs: parameters and GFLOPs by part at a declared resolution (model.md §7).
+"""What a network costs: parameters and GFLOPs by part at a declared resolution (docs/model.md §7).
 
 Pure functions over a built network, used by `dynroute model summary` and by anything that reports
 model metadata. GFLOPs are multi-adds / 1e9 with every path of the network's route open.

@@ -1,4 +1,4 @@
-"""Scale transforms between rows (paper §3.4, Eq. 4; model.md §5).
+"""Scale transforms between rows (paper §3.4, Eq. 4; docs/model.md §5).
 
     keep   ReLU
     up     ReLU → 1×1 C→C/2 → BN → ReLU → bilinear ×2 (align_corners False)

@@ -1,8 +1,8 @@
 """One settings object that renders every endpoint from `params.yaml` and the environment.
 
-platform.md: "One settings object renders every endpoint (Ray address, storage path, MLflow URI,
-S3 endpoint in the forms Arrow, MLflow and DVC each expect, Optuna storage)". `Settings.render`
-does that once; callers ask it, never `os.environ`, for an endpoint.
+Every endpoint (Ray address, storage path, MLflow URI, the S3 endpoint in the forms Arrow, MLflow
+and DVC each expect, Optuna storage) is rendered once, by `Settings.render` (docs/platform.md,
+"Processes and storage"); callers ask it, never `os.environ`, for an endpoint.
 
 Where each value comes from (first match wins):
 

@@ -1,4 +1,4 @@
-"""Decoding and augmentation of one sample: bytes → (image, label) tensors (model.md §1, §9).
+"""Decoding and augmentation of one sample: bytes → (image, label) tensors (docs/model.md §1, §9).
 
 The network reads BGR images on the 0–255 scale with the pixel mean subtracted (std 1, §1). The
 shards hold the dataset's own RGB PNG/JPEG bytes and an 8-bit label PNG of train ids, so every
@@ -216,7 +216,7 @@ def apply_augmentation(image: np.ndarray, label: np.ndarray, params: AugmentPara
 def augment_train(image: np.ndarray, label: np.ndarray, *, crop: tuple[int, int] | None,
                   rng: np.random.Generator, scales: Sequence[float] = SCALES,
                   flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training augmentation (model.md §9): random scale, flip, pad, crop; then BGR − mean.
+    """Training augmentation (docs/model.md §9): random scale, flip, pad, crop; then BGR − mean.
 
     Same arguments and outputs as `apply_augmentation`; deterministic given `rng`'s state.
     """

@@ -1,4 +1,4 @@
-"""A streaming torch dataset over the prepared Parquet shards (model.md §1, §9; format: shards.py).
+"""A streaming torch dataset over the prepared Parquet shards (docs/model.md §1, §9; shards.py).
 
 `ShardDataset` reads `manifest.json` and the shards of one split from a local folder or an
 `s3://bucket/prefix`, one row group at a time, and yields

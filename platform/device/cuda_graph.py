@@ -1,4 +1,4 @@
-"""A training step replayed as one CUDA graph, and the SGD update such a graph can hold (issue 7).
+"""A training step replayed as one CUDA graph, and the SGD update such a graph can hold.
 
 Why: profiled on one NVIDIA H200 (`benchmarks/gpu_profile.py`, torch 2.11, L=16, C₀=64, batch 8
 of 768×768, channels-last fp32), the eager step kept the GPU busy for 118 ms of its 269 ms: the

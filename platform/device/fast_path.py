@@ -1,4 +1,4 @@
-"""The fast paths users get by default, and the switch that turns them off (issue 7).
+"""The fast paths users get by default, and the switch that turns them off.
 
 Chosen from `benchmarks/gpu_bench.py` on one H100 (torch 2.11, L=16, C₀=64; the full table is in
 benchmarks/results/gpu_bench-h100-2026-11-27.log), each against our eager fp32 baseline:

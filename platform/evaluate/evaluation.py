@@ -4,7 +4,7 @@ Accuracy follows the Cityscapes benchmark scripts (`evalPixelLevelSemanticLabeli
 confusion matrix over all pixels of the split whose ground truth is not ignored, IoU_c =
 TP / (TP + FP + FN), NaN for a class absent from both the ground truth and the prediction (on
 non-ignored pixels), mIoU = mean over the non-NaN classes. Cost is the analytic *real* FLOPs of
-the route each image took, at a declared resolution (model.md §7), not at the tensor's size.
+the route each image took, at a declared resolution (docs/model.md §7), not at the tensor's size.
 
 Predictions (optional) are written so that the official tools read them unchanged
 (`prediction_files.py`).

@@ -2,7 +2,7 @@
 
 The `pareto` stage writes `pareto.json` (`platform.pareto.write_front`); the registry registers
 its front (`platform.registry.register_front`). Everything between the two that needs no server
-lives here, as pure functions tested without MLflow (style.md, lesson 9):
+lives here, as pure functions tested without MLflow (docs/conventions.md, lesson 9):
 
 * `load_front` reads and validates the file into a `Front`, with errors that name the file, the
   record and the key (`RegistryError`);

@@ -2,9 +2,9 @@
 
 `register_front` turns the `pareto` stage's `pareto.json` (read and checked by
 `platform.front.load_front`) into versions of ONE registered model per dataset
-(`dynroute-{dataset}`), each carrying its figures and search coordinates as tags (style.md,
-lesson 10), and points the managed aliases at the models people ask for: `best-miou`,
-`min-gflops`, `knee` and the budget buckets `le-<N>g` (which model each names is
+(`dynroute-{dataset}`), each carrying its figures and search coordinates as tags
+(docs/conventions.md, lesson 10), and points the managed aliases at the models people ask for:
+`best-miou`, `min-gflops`, `knee` and the budget buckets `le-<N>g` (which model each names is
 `platform.front.desired_aliases`).
 
 Registration is idempotent. A front model's version is found again by the MLflow run that logged
@@ -19,7 +19,7 @@ are moved or deleted: others (e.g. a hand-set `production`) are left alone, only
 
 With `registered_versions.py`, `tracking.py` and its helpers (`metric_sender.py`,
 `model_logging.py`), this is one of the few modules that talk to MLflow (the registry half of its
-API; style.md, lesson 8).
+API; docs/conventions.md, lesson 8).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ registry; `registry.py` writes them).
 
 `read_versions` is what `platform.selection` picks a model from; `registry.register_front` uses the
 same client, listing and description to report what it left. With `registry.py` and `tracking.py`,
-one of the few modules that import `mlflow` (style.md, lesson 8).
+one of the few modules that import `mlflow` (docs/conventions.md, lesson 8).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ ASHA (Li et al., MLSys 2020) stops a trial at a rung unless it is among the best
 trials that reached that rung so far; MO-ASHA (Schmucker et al., 2021; syne-tune) replaces "best"
 by non-dominated sorting, so early stopping works with both objectives of the budget search
 (mIoU max, GFLOPs mean min; `metrics.SEARCH_OBJECTIVES`). Ray's own ASHA takes one metric, and
-OptunaSearch ignores intermediate results of a multi-objective study (platform.md, pitfall 3).
+OptunaSearch ignores intermediate results of a multi-objective study (docs/platform.md, pitfall 3).
 
 Rungs sit at grace_period·η^k iterations below `max_t` (the end of training, not a rung). A trial
 reporting `time_attr` ≥ a rung it has not been judged at is recorded there and judged against

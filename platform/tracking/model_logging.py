@@ -5,7 +5,7 @@ experiment and URI; `load_pytorch_model` serves code that only reads a model bac
 `dynroute` pipelines); `registry.py` registers the logged models. The rest of the facade logs
 through `MlflowClient` with explicit run ids; model logging needs MLflow's fluent API, which reads
 process-wide URIs (set by `use_fluent_uris` first), and the facade's fluent calls live here. Like
-`tracking.py`, it is one of the few modules that import `mlflow` (style.md, lesson 8).
+`tracking.py`, it is one of the few modules that import `mlflow` (docs/conventions.md, lesson 8).
 
 MLflow 3.17 facts this module relies on (checked in the installed source):
 

@@ -129,7 +129,7 @@ class MlflowServer:
 
     Usable as a context manager (`with MlflowServer(root=tmp) as server: server.uri`) or through
     `start()` / `stop()` / `restart()`. One uvicorn worker and no job-execution consumer keep it
-    at ~0.5 GB and a few seconds to healthy (platform.md); the log goes to `root/server.log`.
+    at ~0.5 GB and a few seconds to healthy (docs/platform.md); the log goes to `root/server.log`.
 
     Args:
         root: folder for the sqlite database, local artifacts and the log (created if missing).

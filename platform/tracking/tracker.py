@@ -2,12 +2,12 @@
 
 With its helpers (`metric_sender.py`, `model_logging.py`, `mlflow_server.py`, and
 `mlflow_client.py`: the server's limits, fail-fast HTTP settings, artifact-store errors) and with
-`registry.py` and `registered_versions.py` (the registry half of the API: versions, aliases,
-tags), this is the only code that imports `mlflow` (style.md, lesson 8): MLflow's APIs move
+`registry.py` and `registered_versions.py` (the registry half of the API: versions, aliases, tags),
+this is the only code that imports `mlflow` (docs/conventions.md, lesson 8): MLflow's APIs move
 between releases, and keeping the calls in these few files keeps an upgrade small.
 
 * `MlflowServer` runs a real `mlflow server` on 127.0.0.1 in its own process group (sqlite backend
-  by default, because MLflow ≥ 3.13 refuses the plain file store; see platform.md, pitfall 6).
+  by default, because MLflow ≥ 3.13 refuses the plain file store; see docs/platform.md, pitfall 6).
 * `Tracker` is what training and evaluation call. It is rank-aware (`enabled=False` turns every
   method into a no-op, so the training loop never branches on rank) and robust to a server that
   restarts: metrics go through an ordered buffer that a background thread delivers with explicit

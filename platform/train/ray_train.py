@@ -10,7 +10,7 @@ Worker side: `worker()` (rank, world size, device), `prepare_model`, `report`,
 `latest_state`, `all_reduce_mean`.
 
 Networking: a local cluster started here binds to 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
-as platform.md prescribes for these machines); RAY_ADDRESS connects to an existing cluster.
+as docs/platform.md prescribes for these machines); RAY_ADDRESS connects to an existing cluster.
 """
 
 from __future__ import annotations

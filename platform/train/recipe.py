@@ -1,4 +1,4 @@
-"""The training recipe (paper §4.2 + reference code; model.md §9), as plain data and functions.
+"""The training recipe (paper §4.2 + reference code; docs/model.md §9), as plain data and functions.
 
 SGD with momentum 0.9 and weight decay 1e-4 except on BN parameters (and biases); lr 0.05 from
 scratch, the gates' lr ×`gate_lr_multiplier` (2.5 in the reference with ImageNet init); linear

@@ -1,4 +1,4 @@
-"""Training: the per-worker loop and the driver call (model.md §9, paper §4.2).
+"""Training: the per-worker loop and the driver call (docs/model.md §9, paper §4.2).
 
 `train(spec)` runs `train_loop` on Ray Train workers (see ray_train.py). Each worker builds the
 network, reads its share of the shards, and runs the recipe (recipe.py): soft routing forward, L =

@@ -1,4 +1,4 @@
-"""Route statistics and Common-X extraction (model.md §8)."""
+"""Route statistics and Common-X extraction (docs/model.md §8)."""
 
 from __future__ import annotations
 

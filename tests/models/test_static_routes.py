@@ -1,4 +1,4 @@
-"""Static architectures in the routing space (model.md §8)."""
+"""Static architectures in the routing space (docs/model.md §8)."""
 
 from __future__ import annotations
 

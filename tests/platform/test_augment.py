@@ -1,4 +1,4 @@
-"""Decoding and augmentation of one sample (model.md §1, §9)."""
+"""Decoding and augmentation of one sample (docs/model.md §1, §9)."""
 
 from __future__ import annotations
 

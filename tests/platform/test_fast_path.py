@@ -1,4 +1,4 @@
-"""The fast paths (issue 7) compute what the plain paths compute: same training step, same
+"""The fast paths compute what the plain paths compute: same training step, same
 evaluation, and they are what users get unless they turn them off."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""A Ray cluster of two nodes on one machine (issue 6): `ray job submit -- dynroute train
+"""A Ray cluster of two nodes on one machine: `ray job submit -- dynroute train
 --workers 2` places one Ray Train worker on each node; the worker node dies mid-training, a
 replacement node joins, and the run resumes from its last checkpoint and completes.
 
-What Ray needs to run like this here (platform.md, "Networking on these machines"):
+What Ray needs to run like this here (docs/platform.md, "Networking on these machines"):
 - Every process runs inside a network namespace of the test's own with only `lo` up
   (`ip netns exec NAME …`, as root). There Ray finds no route out, settles on 127.0.0.1 (also
   given as `--node-ip-address`), and no traffic can leave loopback;
@@ -28,7 +28,7 @@ What Ray needs to run like this here (platform.md, "Networking on these machines
 - The object store is capped at 100 MB per node (plasma lives in the machine's shared /dev/shm);
   `--disable-usage-stats` keeps Ray from trying to reach the internet.
 - Both nodes see the same disk, so a local storage path is shared storage here; a real
-  multi-node cluster needs S3 (platform.md, pitfall 2).
+  multi-node cluster needs S3 (docs/platform.md, pitfall 2).
 
 Evidence that the workers ran on both nodes, printed with `-s`: before the kill, the processes
 of the two `ray::RayTrainWorker`s descend one from each node's `ray start`; afterwards Ray's

@@ -1,4 +1,4 @@
-"""The training step a CUDA graph replays computes the eager step (issue 7).
+"""The training step a CUDA graph replays computes the eager step.
 
 A CPU cannot capture a graph, but everything the graph holds runs here: the body that reads its
 batch, learning rates and budget weight from fixed tensors, and the SGD update that takes its lr
