@@ -35,12 +35,12 @@ import torch
 from dynroute.models import NetworkConfig
 from dynroute.models.route_statistics import RouteStatistics
 from dynroute.pipelines.prepare import prepare
-from dynroute.pipelines.run import load_checkpoint
 from dynroute.pipelines.synth import synthesize
 from dynroute.platform.data.dataset import ShardDataset
 from dynroute.platform.data.shards import read_manifest
 from dynroute.platform.evaluate.evaluation import evaluate
 from dynroute.platform.files import write_json_atomic
+from dynroute.platform.train.checkpoints import load as load_checkpoint
 from dynroute.platform.train.recipe import TrainConfig
 from dynroute.platform.train.spec import TrainSpec
 from dynroute.platform.train.training import train

@@ -1,8 +1,15 @@
-"""The `dynroute` command. Handlers parse arguments, call one library function and print."""
+"""The `dynroute` command. Handlers parse arguments, call one library function and print.
+
+Each handler imports its stage module (pipelines/run.py, tune_stage.py, …) inside the function: a
+stage loads MLflow, Ray or matplotlib (seconds each), and `dynroute --help` or `dynroute model
+summary` should not wait for what they do not use.
+"""
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -19,9 +26,18 @@ from dynroute.pipelines.cli_common import (
     InferenceFast,
     fail,
     load_params,
+    tracking_uri,
     with_inference,
 )
+from dynroute.pipelines.prepare import data_metrics, prepare
+from dynroute.pipelines.progress import Progress
+from dynroute.pipelines.synth import synthesize
+from dynroute.platform.config.params import ParamsError
+from dynroute.platform.config.params import load_params as read_params
+from dynroute.platform.config.settings import Settings
 from dynroute.platform.files import write_json_atomic
+from dynroute.platform.tracking.server import MlflowServer, MlflowServerError
+from dynroute.platform.url_secrets import SettingsError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Dynamic routing for semantic segmentation: model, data, training, search.")
@@ -137,9 +153,6 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same files.")] = 0,
 ) -> None:
     """Write a synthetic dataset in the real on-disk format of Cityscapes or VOC 2012 + SBD."""
-    from dynroute.pipelines.progress import Progress
-    from dynroute.pipelines.synth import synthesize
-
     try:
         summary = synthesize(dataset, out, train=train, val=val, height=height, width=width,
                              seed=seed, progress=Progress(f"synth {dataset}"))
@@ -161,9 +174,6 @@ def data_prepare(
         help="Also write counts and class statistics here (a DVC metrics file).")] = None,
 ) -> None:
     """Validate a raw Cityscapes or VOC+SBD folder and write Parquet shards, atomically."""
-    from dynroute.pipelines.prepare import data_metrics, prepare
-    from dynroute.pipelines.progress import Progress
-
     bars: dict[str, Progress] = {}
 
     def progress(split: str, done: int, total: int) -> None:
@@ -197,9 +207,8 @@ def train_command(
                                  "plain fp32 layout.")] = None,
 ) -> None:
     """Train the network on Ray Train (in-process with 0 workers), tracked in MLflow."""
-    from dataclasses import replace
 
-    from dynroute.pipelines.run import tracking_uri, train_spec
+    from dynroute.pipelines.run import train_spec
     from dynroute.platform.train.training import train
 
     p = load_params(params)
@@ -236,7 +245,7 @@ def evaluate_command(
 ) -> None:
     """mIoU, per-class IoU, real GFLOPs per image, gate usage and latency of a checkpoint."""
 
-    from dynroute.pipelines.run import run_evaluation, tracking_uri
+    from dynroute.pipelines.run import run_evaluation
 
     p = with_inference(load_params(params), fast=fast, device=device)
     try:
@@ -264,7 +273,6 @@ def pareto_command(
 ) -> None:
     """The Pareto front of the budget search (mIoU vs real GFLOPs), its knee and hypervolume."""
     from dynroute.pipelines.pareto_stage import TrialsError, format_table, run_pareto
-    from dynroute.pipelines.run import tracking_uri
 
     p = load_params(params)
     trials = trials or Path(p.tune.results) / "trials.json"
@@ -295,12 +303,8 @@ def settings_command(
 ) -> None:
     """Every endpoint this run would use (Ray, storage, MLflow, S3, Optuna, DVC), secrets masked,
     and where each came from."""
-    from dynroute.platform.config.params import ParamsError, load_params
-    from dynroute.platform.config.settings import Settings
-    from dynroute.platform.url_secrets import SettingsError
-
     try:
-        typer.echo(Settings.render(load_params(params)).describe())
+        typer.echo(Settings.render(read_params(params)).describe())
     except (ParamsError, SettingsError) as err:
         raise fail(str(err)) from None
 
@@ -311,10 +315,6 @@ def ui_command(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
     """Serve the MLflow UI over the local tracking store (tracking.uri: local) until Ctrl-C."""
-    import time
-
-    from dynroute.platform.tracking.server import MlflowServer, MlflowServerError
-
     p = load_params(params)
     if p.tracking.uri != "local":
         raise fail(f"tracking.uri is {p.tracking.uri!r}: open that server's UI instead")
@@ -354,9 +354,7 @@ def tune_command(
 ) -> None:
     """Budget search: Optuna samples λ2, μ; Ray Tune trains and evaluates each trial; the
     mIoU-vs-GFLOPs trials go to {tune.results}/trials.json (see the pareto stage)."""
-    from dataclasses import replace
 
-    from dynroute.pipelines.run import tracking_uri
     from dynroute.pipelines.tune_stage import run_tune
 
     p = load_params(params)

@@ -1,12 +1,23 @@
 """What every `dynroute` command handler shares: the error exit, the params file with the
-environment's overrides, and the --fast/--no-fast switch of the inference commands."""
+environment's overrides, the MLflow server a command uses, and the --fast/--no-fast switch of the
+inference commands."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from dynroute.platform.config.params import Params, ParamsError
+from dynroute.platform.config.params import load_params as read_params
+from dynroute.platform.config.settings import Settings
+from dynroute.platform.tracking.server import MlflowServer
+from dynroute.platform.url_secrets import SettingsError
 
 
 def fail(message: str) -> typer.Exit:
@@ -19,14 +30,6 @@ def load_params(path: Path):
     """params.yaml with the endpoints the environment overrides (platform/config/settings.py):
     MLFLOW_TRACKING_URI over tracking.uri, DYNROUTE_OPTUNA_STORAGE over tune.storage, `${VAR}`
     resolved; the one S3 endpoint is exported in the forms Arrow, MLflow and DVC read."""
-    import os
-    from dataclasses import replace
-
-    from dynroute.platform.config.params import ParamsError
-    from dynroute.platform.config.params import load_params as read_params
-    from dynroute.platform.config.settings import Settings
-    from dynroute.platform.url_secrets import SettingsError
-
     try:
         params = read_params(path)
         settings = Settings.render(params)
@@ -35,6 +38,19 @@ def load_params(path: Path):
     os.environ.update(settings.s3_env())
     return replace(params, tracking=replace(params.tracking, uri=settings.tracking_uri),
                    tune=replace(params.tune, storage=settings.optuna_storage))
+
+
+@contextmanager
+def tracking_uri(params: Params) -> Iterator[str | None]:
+    """The MLflow URI to use; with `tracking.uri: local`, a server on 127.0.0.1 for the block."""
+    uri = params.tracking.uri
+    if uri == "none":
+        yield None
+    elif uri == "local":
+        with MlflowServer(root=Path(params.tracking.dir)) as server:
+            yield server.uri
+    else:
+        yield uri
 
 
 # --fast/--no-fast and --device of the commands that run inference (evaluate, predict)
@@ -47,7 +63,5 @@ InferenceDevice = Annotated[str | None, typer.Option(
 
 def with_inference(params, *, fast: bool | None, device: str | None):
     """`params` with the inference options given on the command line."""
-    from dataclasses import replace
-
     given = {k: v for k, v in {"fast": fast, "device": device}.items() if v is not None}
     return replace(params, evaluate=replace(params.evaluate, **given)) if given else params

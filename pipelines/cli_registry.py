@@ -1,6 +1,7 @@
 """The registry commands: `dynroute register`, `select` and `predict` (the Pareto-aware model
 registry). Handlers call dynroute.pipelines.registry_stage; the library is in
-dynroute.platform.registry (front, register, selection). cli.py adds them to the `dynroute` app."""
+dynroute.platform.registry (front, register, selection). cli.py adds them to the `dynroute` app,
+and says why the handlers import their stage inside the function."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from dynroute.pipelines.cli_common import (
     InferenceFast,
     fail,
     load_params,
+    tracking_uri,
     with_inference,
 )
 
 
 def _registry_errors() -> tuple[type[Exception], ...]:
+    # Lazy like the handlers' imports (cli.py says why): register.py loads MLflow.
     from dynroute.platform.registry.register import SERVICE_ERRORS
 
     return (ValueError, FileNotFoundError, *SERVICE_ERRORS)
@@ -42,7 +45,6 @@ def register_command(
     the registry's aliases and are tagged pareto=false (nothing is deleted).
     """
     from dynroute.pipelines.registry_stage import run_register
-    from dynroute.pipelines.run import tracking_uri
 
     p = load_params(params)
     try:
@@ -77,7 +79,6 @@ def select_command(
 ) -> None:
     """The most accurate registered front model within a GFLOPs budget (exit 1 if none fits)."""
     from dynroute.pipelines.registry_stage import run_select
-    from dynroute.pipelines.run import tracking_uri
 
     p = load_params(params)
     try:
@@ -117,7 +118,6 @@ def predict_command(
     """Segment images with a registered model: colour mask + the route each image took."""
 
     from dynroute.pipelines.registry_stage import run_predict
-    from dynroute.pipelines.run import tracking_uri
 
     p = with_inference(load_params(params), fast=fast, device=device)
     try:

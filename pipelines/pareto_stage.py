@@ -16,7 +16,10 @@ from pathlib import Path
 
 from dynroute.platform import metrics as M
 from dynroute.platform.config.params import Params
+from dynroute.platform.data.shards import read_manifest
 from dynroute.platform.pareto.analysis import ParetoSummary, Point, write_front
+from dynroute.platform.pareto.plots import front_html, plot_front
+from dynroute.platform.tracking import runs
 
 TRIAL_KEYS = ("id", "state", M.MIOU, M.GFLOPS_MEAN)
 META_KEYS = ("number", "state", "seeded_from", "params", "lambda2", "mu", "iterations",
@@ -77,15 +80,10 @@ def run_pareto(params: Params, *, trials: Path, out: Path, plots: Path,
                uri: str | None) -> ParetoOutputs:
     """Write the front of `trials` to `out` (pareto.json, pareto.csv) and `plots` (PNG, HTML);
     log them to the study's parent MLflow run when tracking is on."""
-    from dynroute.platform.data.shards import read_manifest
-    from dynroute.platform.pareto.plots import front_html, plot_front
-    from dynroute.platform.tracking.provenance import git_commit
-
     document = load_trials(trials)
     manifest = read_manifest(params.data.prepared)
-    points = trial_points(document, extra_meta={
-        "data_hash": manifest.content_hash, "git_commit": git_commit() or "unknown",
-        "dataset": manifest.dataset})
+    points = trial_points(document, extra_meta=runs.provenance_tags(
+        data_hash=manifest.content_hash, dataset=manifest.dataset))
     files = {"json": out / "pareto.json", "csv": out / "pareto.csv",
              "png": plots / "pareto.png", "html": plots / "pareto.html"}
     summary = write_front(files["json"], files["csv"], points)
@@ -99,24 +97,12 @@ def run_pareto(params: Params, *, trials: Path, out: Path, plots: Path,
 
 def _track(uri: str, params: Params, document: dict, summary: ParetoSummary,
            files: dict[str, Path]) -> None:
-    from dynroute.platform.tracking.tracker import Tracker
-
-    tracker = Tracker(uri=uri, experiment=params.tracking.experiment, enabled=True)
-    parent = document.get("parent_run_id")
-    figures = {"pareto_hypervolume": summary.hypervolume,
-               "pareto_front_size": float(len(summary.front))}
-    if parent:
-        tracker.resume_run(parent)
-    else:
-        tracker.start_run(run_name=f"pareto-{document.get('study', 'study')}",
-                          tags={"stage": "pareto"})
-    try:
-        tracker.log_metrics(figures, step=0)
-        for path in files.values():
-            tracker.log_artifact(path, artifact_path="pareto")
-        tracker.flush()
-    finally:
-        tracker.end_run()
+    runs.log_pareto_run(
+        uri, params.tracking.experiment, study_run_id=document.get("parent_run_id"),
+        run_name=f"pareto-{document.get('study', 'study')}",
+        metrics={"pareto_hypervolume": summary.hypervolume,
+                 "pareto_front_size": float(len(summary.front))},
+        artifacts=files.values())
 
 
 def format_table(outputs: ParetoOutputs) -> str:

@@ -134,6 +134,7 @@ def _open_image(path: Path, data: bytes) -> Image.Image:
 
 def _read_label(path: Path) -> np.ndarray:
     if path.suffix == ".mat":
+        # Lazy: only SBD's labels are .mat files, and scipy takes a while to import.
         from scipy.io import loadmat
 
         try:

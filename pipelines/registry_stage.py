@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dynroute.platform.config.params import Params
+from dynroute.platform.device.fast_path import inference_device
 from dynroute.platform.evaluate.predict import CLASSES, PredictError, Prediction, predict
 from dynroute.platform.registry.front import RegistryError, model_name
 from dynroute.platform.registry.register import RegistryState, register_front
 from dynroute.platform.registry.selection import Selection, select_version
+from dynroute.platform.train.checkpoints import load_model
 
 
 def _require(uri: str | None) -> str:
@@ -59,9 +61,6 @@ def run_predict(params: Params, *, model: str, images: Sequence[Path], out: Path
     `dataset` defaults to the one the network's class count implies; the model carries its own
     configuration, `params` gives the device and the fast path (evaluate.device, evaluate.fast).
     """
-    from dynroute.platform.device.fast_path import inference_device
-    from dynroute.platform.train.checkpoints import load_model
-
     device = inference_device(params.evaluate.device, key="evaluate.device")
     network, source = load_model(model, tracking_uri=uri)
     return predict(network.to(device), list(images), out,

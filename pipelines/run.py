@@ -1,36 +1,28 @@
 """Stage handlers for training and evaluation: params.yaml → library calls → files.
 
-Thin on purpose: they resolve settings (tracking server, checkpoint folders), call
+Thin on purpose: they resolve settings (the training spec, checkpoint folders), call
 `dynroute.platform.train.training.train` or `dynroute.platform.evaluate.evaluation.evaluate`,
 and write outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from dynroute.models import Route, RouteError
+from dynroute.models.route_statistics import common_x
+from dynroute.pipelines.progress import Progress
 from dynroute.platform.config.params import Params
+from dynroute.platform.data.dataset import ShardDataset
+from dynroute.platform.data.shards import read_manifest
+from dynroute.platform.device.fast_path import inference_device
+from dynroute.platform.evaluate.evaluation import TTA, evaluate
+from dynroute.platform.evaluate.plots import plot_gate_probability, plot_route
 from dynroute.platform.files import write_json_atomic
+from dynroute.platform.tracking import runs
 from dynroute.platform.train.checkpoints import load_model
 from dynroute.platform.train.spec import TrackingSpec, TrainSpec
-
-
-@contextmanager
-def tracking_uri(params: Params) -> Iterator[str | None]:
-    """The MLflow URI to use; with `tracking.uri: local`, a server on 127.0.0.1 for the block."""
-    uri = params.tracking.uri
-    if uri == "none":
-        yield None
-    elif uri == "local":
-        from dynroute.platform.tracking.server import MlflowServer
-
-        with MlflowServer(root=Path(params.tracking.dir)) as server:
-            yield server.uri
-    else:
-        yield uri
 
 
 def train_spec(params: Params, *, data: str, uri: str | None) -> TrainSpec:
@@ -45,8 +37,6 @@ def train_spec(params: Params, *, data: str, uri: str | None) -> TrainSpec:
 def most_frequent_route(result):
     """The route most images took, as a drawable Route (or None when it is not connected:
     a skipped cell passes its input on without an open path, which a Route cannot express)."""
-    from dynroute.models import Route, RouteError
-
     counts = result.route_statistics.route_counts()
     if not counts:
         return None
@@ -62,14 +52,6 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
                    metrics: Path | None, uri: str | None, plots: Path | None = None,
                    save_predictions: bool = False):
     """Evaluate a checkpoint on `params.evaluate.split`; write metrics, plots and tables."""
-    from dynroute.models.route_statistics import common_x
-    from dynroute.pipelines.progress import Progress
-    from dynroute.platform.data.dataset import ShardDataset
-    from dynroute.platform.data.shards import read_manifest
-    from dynroute.platform.device.fast_path import inference_device
-    from dynroute.platform.evaluate.evaluation import TTA, evaluate
-    from dynroute.platform.evaluate.plots import plot_gate_probability, plot_route
-
     device = inference_device(params.evaluate.device, key="evaluate.device")
     network, source = load_model(checkpoint, tracking_uri=uri)
     manifest = read_manifest(data)
@@ -115,21 +97,15 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
 
 def _track_evaluation(uri, params, source, training_run_id, manifest, summary, out,
                       plots) -> None:
-    from dynroute.platform.tracking.provenance import flatten, git_commit
-    from dynroute.platform.tracking.tracker import Tracker
-
-    tracker = Tracker(uri=uri, experiment=params.tracking.experiment, enabled=True)
-    tags = {"git_commit": git_commit() or "unknown", "data_hash": manifest.content_hash,
-            "stage": "evaluate", "model_source": source}
+    tags = runs.provenance_tags(data_hash=manifest.content_hash) | {
+        "stage": "evaluate", "model_source": source}
     if training_run_id:
         tags["training_run_id"] = training_run_id
     name = Path(source).name if "://" not in source and ":/" not in source else source
-    with tracker.run(run_name=f"evaluate-{name}", tags=tags):
-        tracker.log_params(flatten({"evaluate": asdict(params.evaluate), "model": source}))
-        numbers = {k: v for k, v in summary.items()
-                   if isinstance(v, int | float) and not isinstance(v, bool)}
-        tracker.log_metrics(numbers, step=0)
-        for path in [*plots, out / "per_image.parquet", out / "per_class_iou.json",
-                     out / "route.yaml"]:
-            tracker.log_artifact(path)
-        tracker.flush()
+    numbers = {k: v for k, v in summary.items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+    runs.log_evaluation_run(
+        uri, params.tracking.experiment, run_name=f"evaluate-{name}", tags=tags,
+        params={"evaluate": asdict(params.evaluate), "model": source}, metrics=numbers,
+        artifacts=[*plots, out / "per_image.parquet", out / "per_class_iou.json",
+                   out / "route.yaml"])

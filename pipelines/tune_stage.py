@@ -15,12 +15,12 @@ from dynroute.pipelines.progress import Progress
 from dynroute.pipelines.run import train_spec
 from dynroute.platform import metrics as M
 from dynroute.platform.config.params import Params
+from dynroute.platform.search.study import SearchSpec
+from dynroute.platform.search.tune import run_study
 
 
 def search_spec(params: Params):
     """The search settings of params.yaml (`tune.iterations` 0: `train.iterations`)."""
-    from dynroute.platform.search.study import SearchSpec
-
     return SearchSpec.resolve(params.tune, train_iterations=params.train.iterations,
                               split=params.evaluate.split,
                               cost_resolution=params.evaluate.cost_resolution,
@@ -61,8 +61,6 @@ class TrialProgress:
 
 def run_tune(params: Params, *, data: str, uri: str | None, resume: bool) -> Path:
     """Run (or with `resume`, continue) the study of `params.tune`; the trials.json path."""
-    from dynroute.platform.search.tune import run_study
-
     search = search_spec(params)
     base = train_spec(params, data=data, uri=uri)
     progress = TrialProgress(f"tune {search.study} ({search.mode})",

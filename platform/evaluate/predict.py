@@ -19,6 +19,9 @@ from PIL import Image, UnidentifiedImageError
 
 from dynroute.models.stem import normalize_bgr
 from dynroute.platform.device import fast_path
+from dynroute.platform.evaluate.evaluation import infer
+from dynroute.platform.evaluate.plots import plot_route, plot_taken_route, taken_route
+from dynroute.platform.evaluate.prediction_files import cityscapes_colours, voc_palette
 from dynroute.platform.files import write_json_atomic
 
 
@@ -32,8 +35,6 @@ CLASSES = {"cityscapes": 19, "voc": 21}
 
 def _colour_mask(pred: np.ndarray, dataset: str) -> Image.Image:
     """(H, W) class indices → an RGB image (Cityscapes) or a VOC-palette PNG image."""
-    from dynroute.platform.evaluate.prediction_files import cityscapes_colours, voc_palette
-
     if dataset == "cityscapes":
         return Image.fromarray(cityscapes_colours()[pred])
 
@@ -143,9 +144,6 @@ def predict(network, images: Sequence[str | os.PathLike], out: str | os.PathLike
         FileNotFoundError, PredictError: a missing or unreadable image (checked for all images
             before any inference), an unknown dataset or a network of another class count.
     """
-    from dynroute.platform.evaluate.evaluation import infer
-    from dynroute.platform.evaluate.plots import plot_route, plot_taken_route, taken_route
-
     if dataset not in CLASSES:
         raise PredictError(f"dataset {dataset!r}: choose one of {', '.join(CLASSES)}")
     if network.num_classes != CLASSES[dataset]:

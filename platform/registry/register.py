@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -241,8 +242,6 @@ def register_front(pareto: Mapping | str | os.PathLike, *, tracking_uri: str, na
     Raises:
         RegistryError: a bad pareto.json or name (says which key and what to do).
     """
-    import mlflow
-
     front = load_front(pareto)
     name = model_name(name, front.dataset)
     edges = tuple(sorted({float(e) for e in budget_edges}))

@@ -252,6 +252,8 @@ class SearchSpec(TuneSettings):
         """Where a trial pauses to evaluate and report: the rungs, then the end."""
         if self.scheduler == "fifo":
             return (self.iterations,)
+        # Lazy: mo_asha imports Ray Tune (seconds), and params.yaml's schema imports this module,
+        # so reading params would load Ray.
         from dynroute.platform.search.mo_asha import rung_levels
 
         return (*rung_levels(grace_period=self.grace_period,

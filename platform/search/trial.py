@@ -14,14 +14,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import ray
+import torch
 from ray import tune
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from dynroute.models import build_network
 from dynroute.platform import metrics as M
+from dynroute.platform.data.dataset import ShardDataset
+from dynroute.platform.data.shards import read_manifest
+from dynroute.platform.device.fast_path import inference_device
+from dynroute.platform.evaluate.evaluation import evaluate
 from dynroute.platform.search.study import SEEDED_ATTR, STEP, SearchSpec, apply_params, check_report
 from dynroute.platform.search.warm_start import WARM_START_TAG, seed_run
+from dynroute.platform.tracking import runs
 from dynroute.platform.train import ray_train
 from dynroute.platform.train.checkpoints import STATE_FILE, completed_checkpoint
 from dynroute.platform.train.spec import TrainSpec
+from dynroute.platform.train.training import train
 
 
 @dataclass(frozen=True)
@@ -80,8 +89,6 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
 def train_prefix(spec_dict: dict) -> tuple[str, str | None]:
     """Train the study's shared prefix (warm_start.py; a training paused at step P, or found
     there already) and end its MLflow run FINISHED: (its checkpoint, the run id)."""
-    from dynroute.platform.train.training import train
-
     spec = TrainSpec.from_dict(spec_dict)
     result = train(spec)
     checkpoint = result.checkpoint or ray_train.newest_checkpoint(
@@ -93,7 +100,7 @@ def train_prefix(spec_dict: dict) -> tuple[str, str | None]:
         raise RuntimeError(f"the shared prefix {spec.name} is at step {state['step']}, not "
                            f"{spec.stop_at}: remove {spec.storage}/{spec.name} and run again")
     run_id = state.get("mlflow_run_id")
-    end_trial_run(spec.tracking.uri, spec.tracking.experiment, run_id, "FINISHED")
+    runs.end_run(spec.tracking.uri, spec.tracking.experiment, run_id, "FINISHED")
     return str(checkpoint), run_id
 
 
@@ -105,8 +112,6 @@ def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
     final = stop is None
     checkpoint = completed_checkpoint(spec) if final else None
     if checkpoint is None:  # else: trained to the end before a restart; do not log it twice
-        from dynroute.platform.train.training import train
-
         checkpoint = train(replace(spec, stop_at=stop)).checkpoint
     if checkpoint is None:
         raise RuntimeError(f"training {spec.name} left no checkpoint to evaluate")
@@ -125,7 +130,7 @@ def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
                             "checkpoint": str(checkpoint), "mlflow_run_id": run_id or ""}
         check_report(report, where=f"{spec.name} at step {step}")
     except Exception:  # the trial fails: so does its run (the training may have finished it)
-        end_trial_run(spec.tracking.uri, spec.tracking.experiment, run_id, "FAILED")
+        runs.end_run(spec.tracking.uri, spec.tracking.experiment, run_id, "FAILED")
         raise
     if run_id and spec.tracking.uri:
         _log_evaluation(spec, run_id, figures, step=step, final=final)
@@ -147,8 +152,6 @@ def rung_evaluation_options(spec: TrainSpec) -> dict | None:
     """
     if not (spec.use_gpu and spec.workers >= 1):
         return None
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     return {"num_cpus": 0, "num_gpus": 1, "max_retries": 0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
 
@@ -165,14 +168,6 @@ def _evaluate(spec: TrainSpec, weights: dict, *, split: str,
               cost_resolution: tuple[int, int]) -> dict:
     """mIoU and per-image GFLOPs of the network `weights` on `split`, with hard routing, on the
     GPU this process holds when the run trains on GPUs (else on the CPU)."""
-    import torch
-
-    from dynroute.models import build_network
-    from dynroute.platform.data.dataset import ShardDataset
-    from dynroute.platform.data.shards import read_manifest
-    from dynroute.platform.device.fast_path import inference_device
-    from dynroute.platform.evaluate.evaluation import evaluate
-
     network = build_network(spec.network)
     network.load_state_dict(weights)
     manifest = read_manifest(spec.data)
@@ -190,22 +185,7 @@ def _evaluate(spec: TrainSpec, weights: dict, *, split: str,
 def _log_evaluation(spec: TrainSpec, run_id: str, figures: dict, *, step: int,
                     final: bool) -> None:
     """Rung and final figures on the trial's run; the final ones end it FINISHED."""
-    from dynroute.platform.tracking.tracker import Tracker
-
-    tracker = Tracker(uri=spec.tracking.uri, experiment=spec.tracking.experiment)
-    tracker.resume_run(run_id)
-    tracker.log_metrics(figures, step=step)
-    if not final:
-        tracker.flush()  # the training goes on in this run at the next rung
-        return
     lambda2, mu = spec.train.budget_weights
-    tracker.log_params({"lambda2": lambda2, "mu": mu})
-    tracker.end_run("FINISHED")
-
-
-def end_trial_run(uri: str | None, experiment: str, run_id: str | None, status: str) -> None:
-    if not uri or not run_id:
-        return
-    from dynroute.platform.tracking.tracker import Tracker
-
-    Tracker(uri=uri, experiment=experiment).terminate(run_id, status)
+    runs.log_trial_figures(spec.tracking.uri, spec.tracking.experiment, run_id, figures,
+                           step=step, final_params={"lambda2": lambda2, "mu": mu} if final
+                           else None)

@@ -80,6 +80,8 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from dynroute.platform import metrics as M
+from dynroute.platform.data.shards import read_manifest
+from dynroute.platform.search.mo_asha import MOASHA
 from dynroute.platform.search.study import (
     CONSTRAINT_ATTR,
     PARENT_RUN_ATTR,
@@ -100,12 +102,13 @@ from dynroute.platform.search.study import (
 )
 from dynroute.platform.search.trial import (
     TrialSetup,
-    end_trial_run,
     run_trial,
     train_prefix,
     trial_spec,
 )
 from dynroute.platform.search.warm_start import prefix_spec, prefix_steps
+from dynroute.platform.tracking import runs
+from dynroute.platform.train import ray_train
 from dynroute.platform.train.spec import TrainSpec
 
 
@@ -184,7 +187,7 @@ class _StudyCallback(tune.Callback):
         result = trial.last_result or {}
         if state != "COMPLETE":
             status = "KILLED" if state == "PRUNED" else "FAILED"
-            end_trial_run(self.base.tracking.uri, self.base.tracking.experiment,
+            runs.end_run(self.base.tracking.uri, self.base.tracking.experiment,
                            result.get("mlflow_run_id") or self._run_of(trial), status)
         self.done += 1
         if self.on_trial is not None:
@@ -200,10 +203,8 @@ class _StudyCallback(tune.Callback):
         name = trial.config.get("run_name")
         if not (self.base.tracking.uri and self.parent_id and name):
             return None
-        from dynroute.platform.tracking.tracker import Tracker
-
-        tracker = Tracker(uri=self.base.tracking.uri, experiment=self.base.tracking.experiment)
-        return tracker.find_child_run(run_name=name, parent_run_id=self.parent_id)
+        return runs.find_trial_run(self.base.tracking.uri, self.base.tracking.experiment,
+                                   run_name=name, parent_run_id=self.parent_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         step = (trial.last_result or {}).get(STEP, 0)
@@ -217,17 +218,10 @@ def _parent_run(spec: SearchSpec, base: TrainSpec, study):
     """(tracker with the study's parent run active, its id), or (None, None) without MLflow."""
     if not base.tracking.uri:
         return None, None
-    from dynroute.platform.tracking.tracker import Tracker
-
-    tracker = Tracker(uri=base.tracking.uri, experiment=base.tracking.experiment)
-    known = study.user_attrs.get(PARENT_RUN_ATTR)
-    if known:
-        try:
-            return tracker, tracker.resume_run(known)
-        except Exception:  # another tracking server than the first session's: start anew
-            pass
-    run_id = tracker.start_run(run_name=spec.study, tags={"study": spec.study,
-                                                          "mode": spec.mode})
+    tracker, run_id = runs.open_study_run(
+        base.tracking.uri, base.tracking.experiment,
+        known_run_id=study.user_attrs.get(PARENT_RUN_ATTR), run_name=spec.study,
+        tags={"study": spec.study, "mode": spec.mode})
     study.set_user_attr(PARENT_RUN_ATTR, run_id)
     return tracker, run_id
 
@@ -247,10 +241,6 @@ def run_study(search: SearchSpec, base: TrainSpec, *, resume: bool = False,
             figures; trials done in the study; num_samples).
         verbose: Ray Tune's console verbosity (0 silent, 1 status tables).
     """
-    from dynroute.platform.data.shards import read_manifest
-    from dynroute.platform.search.mo_asha import MOASHA
-    from dynroute.platform.train import ray_train
-
     if "://" not in base.data:
         base = replace(base, data=os.path.abspath(base.data))
     read_manifest(base.data)  # fail early and clearly when the data is missing

@@ -1,11 +1,11 @@
 """Logging and loading PyTorch models with MLflow: the model half of the facade.
 
-`Tracker.log_model` (in `tracking.py`) calls `log_pytorch_model` with the tracker's run,
-experiment and URI; `load_pytorch_model` serves code that only reads a model back (e.g. the
-`dynroute` pipelines); `registry.py` registers the logged models. The rest of the facade logs
-through `MlflowClient` with explicit run ids; model logging needs MLflow's fluent API, which reads
+`Tracker.log_model` (in `tracker.py`) calls `log_pytorch_model` with the tracker's run, experiment
+and URI; `load_pytorch_model` serves code that only reads a model back (e.g. the `dynroute`
+pipelines); `registry/register.py` registers the logged models. The rest of the facade logs through
+`MlflowClient` with explicit run ids; model logging needs MLflow's fluent API, which reads
 process-wide URIs (set by `use_fluent_uris` first), and the facade's fluent calls live here. Like
-`tracking.py`, it is one of the few modules that import `mlflow` (docs/conventions.md, lesson 8).
+`tracker.py`, it is one of the few modules that import `mlflow` (docs/conventions.md, lesson 8).
 
 MLflow 3.17 facts this module relies on (checked in the installed source):
 
@@ -19,11 +19,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import mlflow
+import mlflow.pytorch
+import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
 __all__ = ["load_pytorch_model", "log_pytorch_model", "use_fluent_uris"]
 
@@ -59,9 +61,6 @@ def log_pytorch_model(model: torch.nn.Module, *, tracking_uri: str, experiment_i
     Returns:
         The model URI, `models:/<model_id>`.
     """
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-
     if output_example is None:
         output_example = _predict(model, input_example)
     signature = infer_signature(input_example, output_example)
@@ -81,8 +80,6 @@ def log_pytorch_model(model: torch.nn.Module, *, tracking_uri: str, experiment_i
 
 def load_pytorch_model(model_uri: str, *, tracking_uri: str | None) -> torch.nn.Module:
     """A logged or registered PyTorch model (`models:/NAME@ALIAS`, `models:/<id>`, `runs:/…`)."""
-    import mlflow.pytorch
-
     if tracking_uri is not None:
         use_fluent_uris(tracking_uri)
     try:
@@ -93,8 +90,6 @@ def load_pytorch_model(model_uri: str, *, tracking_uri: str | None) -> torch.nn.
 
 def _predict(model: torch.nn.Module, example: np.ndarray) -> np.ndarray:
     """Run `model` on `example` in eval mode without grad, on the model's device; as numpy."""
-    import torch
-
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     was_training = model.training

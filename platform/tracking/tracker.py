@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Literal
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from dynroute.platform.tracking.client import (
     MAX_PARAM_VALUE_CHARS,
@@ -155,9 +157,6 @@ class Tracker:
         """
         if not self.enabled:
             return None
-        from mlflow.tracking.context.registry import resolve_tags
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
         if nested_in_this_process:
             parent = self._active()
             if parent_run_id not in (None, parent):
@@ -211,8 +210,6 @@ class Tracker:
         """The id of the newest child run `run_name` of `parent_run_id` in the experiment."""
         if not self.enabled:
             return None
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
         def quoted(value: str) -> str:
             return "'" + value.replace("'", "\\'") + "'"
 

@@ -9,6 +9,10 @@ does not persist checkpoints, so this module writes them under the storage path 
 Worker side: `worker()` (rank, world size, device), `prepare_model`, `report`,
 `latest_state`, `all_reduce_mean`.
 
+Ray is imported inside the functions that use it, not at the top: the checkpoint readers
+(checkpoints.py, and through it evaluation and prediction) import this module without needing Ray,
+which takes ~2 s to import.
+
 Networking: a local cluster started here binds to 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
 as docs/platform.md prescribes for these machines); RAY_ADDRESS connects to an existing cluster.
 """
@@ -24,8 +28,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
+
+from dynroute.platform.data.shards import filesystem_for, join
 
 CHECKPOINT_PREFIX = "checkpoint_"
 _LOCAL_RUN_DIR = "DYNROUTE_LOCAL_RUN_DIR"  # where local mode keeps its checkpoints
@@ -219,10 +226,6 @@ def place_checkpoint(folder: Path, *, run_dir: str, step: int) -> str:
     """Copy a local checkpoint folder into a run's storage (local path or URI) as the
     checkpoint of `step`, where `latest_state` finds it; a local copy appears whole or not at
     all. Returns where it went."""
-    import pyarrow.fs as pafs
-
-    from dynroute.platform.data.shards import filesystem_for, join
-
     fs, base = filesystem_for(run_dir)
     name = f"{CHECKPOINT_PREFIX}{step:08d}"
     if isinstance(fs, pafs.LocalFileSystem):
@@ -247,10 +250,6 @@ def _step_of(path: str) -> int:
 def _persisted_names(run_dir: str) -> list[tuple[str, str]]:
     """(path inside the filesystem, folder name) of the checkpoint folders under the run's
     storage folder (local path or URI)."""
-    import pyarrow.fs as pafs
-
-    from dynroute.platform.data.shards import filesystem_for
-
     fs, base = filesystem_for(run_dir)
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
@@ -264,8 +263,6 @@ def _persisted_names(run_dir: str) -> list[tuple[str, str]]:
 def _persisted(run_dir: str) -> list[tuple[int, object]]:
     """(step, Checkpoint) of the checkpoint folders under the run's storage folder."""
     from ray.train import Checkpoint
-
-    from dynroute.platform.data.shards import filesystem_for
 
     fs, _ = filesystem_for(run_dir)
     return [(_step_of(name), Checkpoint(path, filesystem=fs))

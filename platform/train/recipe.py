@@ -12,7 +12,7 @@ network without a budget.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -69,8 +69,6 @@ class TrainConfig:
 def network_for_budget(model: NetworkConfig, budget: str) -> NetworkConfig:
     """The network a named budget trains: the small gate with a budget, fixed gates for
     Network-Fix, the model as configured for Dynamic-Raw."""
-    from dataclasses import replace
-
     if budget == "network-fix":
         return replace(model, gate="fixed", small_gate=False)
     if budget in BUDGETS and BUDGETS[budget].small_gate:

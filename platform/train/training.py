@@ -34,11 +34,9 @@ from dynroute.platform import metrics as M
 from dynroute.platform.data.dataset import ShardDataset
 from dynroute.platform.data.shards import read_manifest
 from dynroute.platform.device import fast_path
-from dynroute.platform.tracking.provenance import flatten, git_commit, params_hash
-from dynroute.platform.tracking.tracker import Tracker
+from dynroute.platform.tracking import runs
 from dynroute.platform.train import checkpoints, ray_train
 from dynroute.platform.train.recipe import (
-    TrainConfig,
     build_optimizer,
     check_finite,
     set_lr,
@@ -73,56 +71,23 @@ def train(spec: TrainSpec) -> ray_train.FitResult:
 
 
 def _open_run(spec: TrainSpec, manifest):
-    """(spec with `tracking.run_id` set, tracker), or (spec, None) without tracking.
-
-    The run is the newest checkpoint's (a resumed training continues it) when the server knows
-    it; without a checkpoint, a child run of the same name under the same parent (a trial run
-    again after its driver died); else a new one with the parameters and tags.
-    """
+    """(spec with `tracking.run_id` set, its tracker), or (spec, None) without tracking; which run
+    it is: `runs.open_training_run`."""
     if spec.tracking.uri is None:
         return spec, None
-    tracker = _tracker(spec, True)
     state = ray_train.latest_state(checkpoints.run_dir(spec), name=checkpoints.STATE_FILE,
                                    in_worker=False)
-    run_id = state.get("mlflow_run_id") if isinstance(state, dict) else None
-    if run_id is not None and tracker.run_exists(run_id):
-        return replace(spec, tracking=replace(spec.tracking, run_id=run_id)), tracker
-    if run_id is not None:
-        log.warning("MLflow run %s of the checkpoint is not on %s: starting a new run", run_id,
-                    spec.tracking.uri)
-    elif spec.tracking.parent_run_id is not None:
-        run_id = tracker.find_child_run(run_name=spec.tracking.run_name,
-                                        parent_run_id=spec.tracking.parent_run_id)
-        if run_id is not None:
-            return replace(spec, tracking=replace(spec.tracking, run_id=run_id)), tracker
-    tags = {"git_commit": git_commit() or "unknown", "data_hash": manifest.content_hash,
-            "params_hash": params_hash({"model": spec.to_dict()["model"],
-                                        "train": asdict(spec.train)}),
-            "dataset": manifest.dataset, **spec.tracking.tags}
-    run_id = tracker.start_run(run_name=spec.tracking.run_name, tags=tags,
-                               parent_run_id=spec.tracking.parent_run_id)
-    tracker.log_params(flatten({"model": asdict(spec.network) | {"route": None},
-                                "train": asdict(spec.train), "data": spec.data,
-                                "workers": spec.workers}))
-    shared = state.get("warm_start") if isinstance(state, dict) else None
-    if shared and shared.get("run_id") and tracker.run_exists(shared["run_id"]):
-        # a search's shared start: its curve up to there is this run's too (warm_start.py)
-        tracker.copy_metrics(shared["run_id"], up_to_step=int(shared["step"]))
-        tracker.flush()
+    model = spec.to_dict()["model"]
+    tags = runs.provenance_tags(
+        data_hash=manifest.content_hash, dataset=manifest.dataset,
+        params={"model": model, "train": asdict(spec.train)}) | spec.tracking.tags
+    tracker, run_id = runs.open_training_run(
+        spec.tracking.uri, spec.tracking.experiment, run_name=spec.tracking.run_name,
+        parent_run_id=spec.tracking.parent_run_id,
+        state=state if isinstance(state, dict) else None, tags=tags,
+        params={"model": asdict(spec.network) | {"route": None}, "train": asdict(spec.train),
+                "data": spec.data, "workers": spec.workers})
     return replace(spec, tracking=replace(spec.tracking, run_id=run_id)), tracker
-
-
-def _tracker(spec: TrainSpec, enabled: bool):
-    return Tracker(uri=spec.tracking.uri, experiment=spec.tracking.experiment,
-                   enabled=enabled and spec.tracking.uri is not None)
-
-
-def _worker_tracker(spec: TrainSpec, me) -> tuple:
-    """(tracker, run id): rank 0 continues the driver's run; other ranks get a disabled one."""
-    tracker = _tracker(spec, me.is_chief and spec.tracking.run_id is not None)
-    if tracker.enabled:
-        tracker.resume_run(spec.tracking.run_id)
-    return tracker, spec.tracking.run_id
 
 
 def train_loop(config: dict) -> None:
@@ -176,7 +141,9 @@ def train_loop(config: dict) -> None:
     dataset = ShardDataset(root=spec.data, split="train", train=True, crop=recipe.crop,
                            seed=recipe.seed, rank=me.rank, world_size=me.world_size)
     per_epoch = steps_per_epoch(len(dataset), recipe.batch_size)
-    tracker, run_id = _worker_tracker(spec, me)
+    run_id = spec.tracking.run_id
+    tracker = runs.worker_tracker(spec.tracking.uri, spec.tracking.experiment, run_id,
+                                  chief=me.is_chief)
     if not history["resumes"]:  # a start (from zero or from the search's shared steps)
         tracker.log_metrics({"c_all_gflops": cost.all_open_expected() / 1e9}, step=0)
 
@@ -236,7 +203,7 @@ def train_loop(config: dict) -> None:
         if history["resumes"] and history["resumes"][-1] >= recipe.iterations:
             tracker.end_run()  # trained to the end before: the model is logged already
         elif step >= recipe.iterations:
-            _finish_tracking(tracker, network, recipe)
+            runs.finish_training_run(tracker, network, crop=recipe.crop)
         else:  # paused (stop_at): the run goes on when training resumes
             tracker.flush()
 
@@ -288,22 +255,3 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     from the same seed for the same initial weights, do not drop the same samples' branches.
     """
     return int(np.random.SeedSequence([seed, rank, step, _DROP_PATH_STREAM]).generate_state(1)[0])
-
-
-def _finish_tracking(tracker, network, recipe: TrainConfig) -> None:
-    if not tracker.enabled:
-        return
-    h, w = recipe.crop
-    example = np.zeros((1, 3, h, w), dtype=np.float32)
-    logits = np.zeros((1, network.num_classes, h, w), dtype=np.float32)
-    tracker.log_model(network.cpu().eval(), name="model", input_example=example,
-                      output_example=logits, pip_requirements=_requirements())
-    tracker.flush()
-    tracker.end_run()
-
-
-def _requirements() -> list[str]:
-    """What a loaded model needs: this package's pinned torch and numpy."""
-    from importlib.metadata import version
-
-    return [f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]
