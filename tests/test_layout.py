@@ -2,6 +2,7 @@
 
 import ast
 import platform
+import re
 import subprocess
 import sys
 import sysconfig
@@ -170,3 +171,52 @@ def test_run_and_tune_defaults_are_params_yaml():
     params = load_params(ROOT / "params.yaml")
     assert params.run == RunSettings()
     assert params.tune == TuneSettings()
+
+
+def _cited_files() -> list[Path]:
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    return [ROOT / f for f in tracked if (f.endswith((".py", ".yaml", ".sh", ".toml"))
+            or f.startswith("infra/docker/Dockerfile")) and ROOT / f != Path(__file__)]
+
+
+def _numbered_items(doc: str, heading: str) -> set[int]:
+    """The numbers of the list items `N. ` in the section `## heading` of a docs file."""
+    section = doc.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return {int(n) for n in re.findall(r"^(\d+)\. ", section, re.M)}
+
+
+def test_every_citation_resolves_inside_the_repository():
+    """docs/<name>.md §N, "pitfall N", "lesson N" and quoted section names are there to read."""
+    docs = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")}
+    model_sections = {int(n) for n in re.findall(r"^## (\d+)\. ", docs["model.md"], re.M)}
+    pitfalls = _numbered_items(docs["platform.md"], "Pitfalls")
+    lessons = _numbered_items(docs["conventions.md"], "Lessons")
+    benchmarks = (ROOT / "benchmarks" / "README.md").read_text()
+    checked = 0
+    for file in _cited_files():
+        text = file.read_text()
+        where = file.relative_to(ROOT)
+        outside = re.findall(r"(?<![\w/])(?:model|platform|style)\.md", text)
+        assert not outside, f"{where} cites {outside[0]} outside docs/"
+        assert not re.search(r"\bissue \d+", text), f"{where} cites an issue number"
+        for name, rest in re.findall(r"docs/(\w+\.md)([^\n]{0,60})", text):
+            assert name in docs, f"{where} cites docs/{name}, which does not exist"
+            checked += 1
+            if name == "model.md" and rest.startswith(" §"):
+                cited = re.match(r" §(\d+)(?:[–-]§(\d+))?((?:, §\d+)*)", rest)
+                low = int(cited.group(1))
+                numbers = set(range(low, int(cited.group(2) or low) + 1))
+                numbers |= {int(n) for n in re.findall(r"\d+", cited.group(3))}
+                assert numbers <= model_sections, f"{where}: docs/model.md §{numbers}"
+            if match := re.match(r", pitfall (\d+)", rest):
+                assert int(match.group(1)) in pitfalls, f"{where}: {name}{rest}"
+            if match := re.match(r", lesson (\d+)", rest):
+                assert int(match.group(1)) in lessons, f"{where}: {name}{rest}"
+            if match := re.match(r',\s+"([^"]+)"', rest):
+                assert f"\n## {match.group(1)}\n" in docs[name], f"{where}: {name}{rest}"
+        for heading in re.findall(r'benchmarks/README\.md, "([^"]+)"', text):
+            assert re.search(rf"^#+ {re.escape(heading)}$", benchmarks, re.M), \
+                f'{where} cites benchmarks/README.md, "{heading}", which has no such section'
+            checked += 1
+    assert checked > 40  # the code cites the docs; a pattern that matched nothing would pass
