@@ -1,10 +1,10 @@
 """Per-sample routing at batch 1, replayed from CUDA graphs piece by piece.
 
-Why: profiled on an H200 (benchmarks/gpu_profile.py), the batch-1 hard forward at 1024×2048 kept
-the GPU busy only 27–44% of its wall time: the host, launching ~1,400 operators, is slower than
-the kernels. One graph cannot hold the forward, since each row's routes are read on the host
-before the row's cells run. But between two such reads the work is fixed by what the host
-already knows, so the forward splits into pieces that each replay as a graph:
+Why: profiled (benchmarks/gpu_profile.py; benchmarks/README.md, "On an H200"), the batch-1 hard
+forward at 1024×2048 keeps the GPU busy well under half its wall time: the host, launching over a
+thousand operators, is slower than the kernels. One graph cannot hold the forward, since each row's
+routes are read on the host before the row's cells run. But between two such reads the work is fixed
+by what the host already knows, so the forward splits into pieces that each replay as a graph:
 
     stem      the padded image → the init cell's input
     gates     per row and set of present nodes: each node's gate, and the row's open/closed

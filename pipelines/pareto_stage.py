@@ -1,6 +1,6 @@
 """The `pareto` stage: the study's trials (trials.json from `dynroute tune`) → the Pareto front.
 
-Writes `pareto.json` + `pareto.csv` (platform.pareto.write_front; the CSV is the DVC plot of mIoU
+Writes `pareto.json` + `pareto.csv` (pareto.analysis.write_front; the CSV is the DVC plot of mIoU
 against GFLOPs), a PNG and an interactive HTML page, and logs all of them with the front's
 figures (hypervolume, size) to the study's parent run in MLflow. Each point carries its trial's
 record in `meta` (the registry reads model URIs, λ2/μ and the figures from there), plus the data

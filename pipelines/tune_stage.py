@@ -1,8 +1,8 @@
 """The `tune` stage: params.yaml's `tune:` section → the budget search → `trials.json`.
 
 Thin on purpose: it resolves the settings (the trials' common training from `run.train_spec`,
-iterations, the evaluation split and cost resolution), calls `platform.tune.run_study` and shows
-progress: trial i of N with ETA, and the best trial so far.
+iterations, the evaluation split and cost resolution), calls `platform.search.tune.run_study` and
+shows progress: trial i of N with ETA, and the best trial so far.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """A training step replayed as one CUDA graph, and the SGD update such a graph can hold.
 
-Why: profiled on one NVIDIA H200 (`benchmarks/gpu_profile.py`, torch 2.11, L=16, C₀=64, batch 8
-of 768×768, channels-last fp32), the eager step kept the GPU busy for 118 ms of its 269 ms: the
-rest of the time the GPU waited for the host, which launches ~5,400 operators a step. Replaying
-the captured step launches them all at once.
+Why: profiled (`benchmarks/gpu_profile.py`; benchmarks/README.md, "On an H200"), the eager step
+keeps the GPU busy for less than half its time: the rest of the time the GPU waits for the host,
+which launches thousands of operators a step. Replaying the captured step launches them all at
+once.
 
 A capture records the kernels a call launches, with the addresses they read and write, and runs
 nothing; each replay runs them again on whatever those addresses hold. So the step must:

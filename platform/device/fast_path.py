@@ -1,38 +1,17 @@
 """The fast paths users get by default, and the switch that turns them off.
 
-Chosen from `benchmarks/gpu_bench.py` on one H100 (torch 2.11, L=16, C₀=64; the full table is in
-benchmarks/results/gpu_bench-h100-2026-11-27.log), each against our eager fp32 baseline:
+Each was chosen by measurement (`benchmarks/gpu_bench.py`; the figures, by device, are in
+benchmarks/README.md, "GPU speed"):
 
-    training, batch 8 of 768×768     channels-last fp32   1.30× images/s, same numerics (fp32)
-                                     bf16 autocast        1.04×; with channels-last 1.05×: not
-                                                          worth its rounding, so it stays opt-in
-    inference, batch 1, 1024×2048    channels-last fp32   1.33× lower latency, logits within TF32
-                                                          rounding (1e-3) of the baseline
+- channels-last for training and inference, on CUDA and on the CPU alike (faster on both; the
+  same fp32 arithmetic in another memory layout);
+- inference folds every BN into the conv before it (`models/fusion.py`): the same function up to
+  fp32 rounding, one kernel and one pass over the activations fewer per BN;
+- training on one CUDA device replays the whole step as a CUDA graph (train/train_step.py,
+  device/cuda_graph.py): the eager step leaves the GPU waiting for the host's launches.
 
-On a CPU channels-last inference measured 1.14× (batch 1) and 1.22× (batch 8) at small sizes, and
-a CPU training step (SGD, 2 threads, torch 2.13; NCHW vs channels-last interleaved) took 0.84× the
-time at the embedded default's size (L=8, C₀=16, batch 8 of 128×128), 0.90× at L=4, C₀=8, batch
-2 of 128², 0.82× at L=16, C₀=16, batch 4 of 256² and 0.75× at L=8, C₀=32, batch 4 of 256²: both
-take it on every device (`dynroute train` on the synthetic default, 120 iterations: 27.6 s
-against 31.9 s plain). bf16 remains a separate opt-in (`run.bf16`). Everything here changes the
-memory layout of the same fp32 arithmetic: tests on CPU prove the fast and plain paths compute
-the same thing.
-
-Inference also folds every BN into the conv before it (`models/fusion.py`): the same function up to
-fp32 rounding, one kernel and one pass over the activations fewer per BN.
-
-Training on one CUDA device also replays the whole step as a CUDA graph (train_step.py,
-cuda_graph.py): profiled, the eager step kept the GPU busy 44% of its wall time, the host being
-the bottleneck with ~5,400 launches a step.
-
-Measured again on one NVIDIA H200 (torch 2.11, benchmarks/results/gpu_bench-h200-2026-11-27.log),
-each against the eager fp32 baseline of the same run:
-
-    training, batch 8 of 768×768     CUDA graph + channels-last   72.7 images/s, 2.30× (eager
-                                     channels-last 33.5, 1.06×; baseline 31.6); losses of the first
-                                     steps within 1.4e-5 of the baseline, as eager channels-last
-    inference, batch 1, 1024×2048    folded BN + channels-last    33.1 ms, 1.08× (channels-last
-                                     alone 39.9 ms, 0.90×); batch 8: 65.2 images/s, 1.26×
+bf16 autocast measured no faster than channels-last fp32, so it stays opt-in (`run.bf16`). Tests
+on the CPU prove the fast and plain paths compute the same thing.
 """
 
 from __future__ import annotations
@@ -119,9 +98,8 @@ def inference_device(name: str = "auto", *, key: str = "device") -> torch.device
     return device
 
 
-# benchmarks/data_loader.py: one core decodes and augments ~21 Cityscapes 768×768 crops/s, far
-# fewer than one GPU trains (72.7 img/s measured on an H200 with the graphed step): a GPU needs
-# loader processes beside its own (8 decode ~170 crops/s).
+# One core decodes and augments far fewer Cityscapes crops a second than one GPU trains, so a GPU
+# needs loader processes beside its own (benchmarks/README.md, "Data loading").
 MAX_LOADER_WORKERS = 8
 
 

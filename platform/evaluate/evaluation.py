@@ -9,10 +9,9 @@ the route each image took, at a declared resolution (docs/model.md §7), not at 
 Predictions (optional) are written so that the official tools read them unchanged
 (`prediction_files.py`).
 
-Reading: on a GPU, decoding the split's images would otherwise keep it idle most of the time: a
-Cityscapes val image and its label (1024×2048 PNGs) take 85 ms to read and decode on one core
-(benchmarks/data_loader.py, 11.7 images/s on this project's 2-core CI machine), and an H200
-segments it in 33 ms (folded BN + channels-last). So `evaluate` reads through a DataLoader with
+Reading: on a GPU, decoding the split's images would otherwise keep it idle most of the time: one
+core reads and decodes a Cityscapes val image and its label more slowly than a GPU segments it
+(benchmarks/README.md, "Data loading"). So `evaluate` reads through a DataLoader with
 loader processes wherever the training would use them (`samples`, `fast_path.loader_workers`:
 the cores per GPU less one on CUDA, none on a CPU, where the cores run the network).
 

@@ -1,7 +1,7 @@
 """The Pareto front as the registry sees it: `pareto.json` read, checked and turned into aliases.
 
-The `pareto` stage writes `pareto.json` (`platform.pareto.write_front`); the registry registers
-its front (`platform.registry.register_front`). Everything between the two that needs no server
+The `pareto` stage writes `pareto.json` (`pareto.analysis.write_front`); the registry registers
+its front (`registry.register.register_front`). Everything between the two that needs no server
 lives here, as pure functions tested without MLflow (docs/conventions.md, lesson 9):
 
 * `load_front` reads and validates the file into a `Front`, with errors that name the file, the
@@ -110,7 +110,7 @@ def load_front(pareto: Mapping | str | os.PathLike) -> Front:
         except json.JSONDecodeError as err:
             raise RegistryError(f"{source} is not valid JSON ({err}); regenerate it with the "
                                 f"pareto stage") from None
-    regenerate = "regenerate it with the pareto stage (platform.pareto.write_front)"
+    regenerate = "regenerate it with the pareto stage (pareto.analysis.write_front)"
     if not isinstance(document, Mapping) or not isinstance(document.get("front"), list):
         raise RegistryError(f"{source}: missing key 'front' (a list of the rank-0 trials); "
                             f"{regenerate}")

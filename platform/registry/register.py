@@ -1,11 +1,11 @@
 """The Pareto-aware model registry: the search's front as MLflow registered model versions.
 
 `register_front` turns the `pareto` stage's `pareto.json` (read and checked by
-`platform.front.load_front`) into versions of ONE registered model per dataset
+`registry.front.load_front`) into versions of ONE registered model per dataset
 (`dynroute-{dataset}`), each carrying its figures and search coordinates as tags
 (docs/conventions.md, lesson 10), and points the managed aliases at the models people ask for:
 `best-miou`, `min-gflops`, `knee` and the budget buckets `le-<N>g` (which model each names is
-`platform.front.desired_aliases`).
+`registry.front.desired_aliases`).
 
 Registration is idempotent. A front model's version is found again by the MLflow run that logged
 it (the `runs:/<run id>/model` of its trial); a version without a run is found by its `study` and
@@ -14,10 +14,10 @@ versions that left it keep their number and artifacts but lose the registry's al
 tagged `pareto=false`; one that comes back is tagged `pareto=true` again. Only the managed aliases
 are moved or deleted: others (e.g. a hand-set `production`) are left alone, only reported.
 
-`platform.selection.select_version` answers "the best model under N GFLOPs" from the versions
+`registry.selection.select_version` answers "the best model under N GFLOPs" from the versions
 `registered_versions.read_versions` reads back; `predict.py` runs a chosen model on image files.
 
-With `registered_versions.py`, `tracking.py` and its helpers (`metric_sender.py`,
+With `registered_versions.py`, `tracker.py` and its helpers (`metric_sender.py`,
 `model_logging.py`), this is one of the few modules that talk to MLflow (the registry half of its
 API; docs/conventions.md, lesson 8).
 """
@@ -230,7 +230,7 @@ def register_front(pareto: Mapping | str | os.PathLike, *, tracking_uri: str, na
     """Register the Pareto front of a search as versions of one registered model, idempotently.
 
     Args:
-        pareto: a pareto.json path or its parsed content (`platform.pareto.write_front`'s format,
+        pareto: a pareto.json path or its parsed content (`pareto.analysis.write_front`'s format,
             each point's meta the trial record with `model_uri` = runs:/<run id>/model).
         tracking_uri: the MLflow server.
         name: the registered model's name, or a template with `{dataset}`.

@@ -1,8 +1,8 @@
 """The registered model's versions read back as their tags describe them (the read half of the
-registry; `registry.py` writes them).
+registry; `register.py` writes them).
 
-`read_versions` is what `platform.selection` picks a model from; `registry.register_front` uses the
-same client, listing and description to report what it left. With `registry.py` and `tracking.py`,
+`read_versions` is what `registry.selection` picks a model from; `register.register_front` uses the
+same client, listing and description to report what it left. With `register.py` and `tracker.py`,
 one of the few modules that import `mlflow` (docs/conventions.md, lesson 8).
 """
 
@@ -22,7 +22,7 @@ from dynroute.platform.tracking.client import configure_http_client
 __all__ = ["RegisteredVersion", "all_versions", "describe_versions", "read_versions",
            "registry_client"]
 
-# Version tags read back here (metric names from `metrics`; the rest are written by registry.py).
+# Version tags read back here (metric names from `metrics`; the rest are written by register.py).
 TAG_PARETO, TAG_RANK, TAG_TRIAL, TAG_STUDY = "pareto", "pareto_rank", "trial", "study"
 TAG_RESOLUTION = "cost_resolution"
 

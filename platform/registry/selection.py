@@ -1,6 +1,6 @@
 """Choosing a registered model: "the best model under N GFLOPs", answered from the registry.
 
-`select_version` reads the versions `platform.registry.register_front` left (through
+`select_version` reads the versions `registry.register.register_front` left (through
 `registered_versions.read_versions`, their figures from their tags) and picks the most accurate
 one still on the Pareto front within a GFLOPs budget; `dynroute select` prints it and
 `dynroute predict` loads it by its `uri`. The registry itself is the source of truth, so the

@@ -144,9 +144,8 @@ def rung_evaluation_options(spec: TrainSpec) -> dict | None:
     With `run.workers ≥ 1` and GPUs, the GPUs were the TorchTrainer workers', and they are free
     again once the training returns; the rung's task holds only the trial's CPUs (`tune.py`:
     the trial's placement group has no GPU then). Evaluated there, a rung would segment the
-    split on the CPU: at L=16, C₀=64 a 1024×2048 image took 2.55 s on 2 CPU threads against
-    ~33 ms on an H200, so Cityscapes val's 500 images would take ~21 minutes instead of
-    seconds. So the evaluation asks Ray for one GPU outside the trial's placement group, and
+    split on the CPU, some 80 times slower for Cityscapes (benchmarks/README.md, "On a CPU").
+    So the evaluation asks Ray for one GPU outside the trial's placement group, and
     for no CPU: the group's CPUs may be all a node has, and one that waited for a CPU would
     wait for the end of the search.
     """

@@ -1,7 +1,7 @@
 """How dynroute's MLflow clients meet a server: its limits on values, the HTTP settings that make
 a dead server fail fast, and what a failed artifact store looks like from the client.
 
-`tracking.py`, `registry.py` and `registered_versions.py` share these, so a limit or a setting
+`tracker.py`, `register.py` and `registered_versions.py` share these, so a limit or a setting
 lives in one place.
 """
 

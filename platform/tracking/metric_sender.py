@@ -11,8 +11,8 @@ MLflow 3.17 facts this relies on: the SQL store ignores an exact duplicate metri
 value, step and timestamp), so a batch replayed after a lost response does not duplicate points;
 and a batch holds at most METRICS_PER_BATCH metrics.
 
-It is a helper of `tracking.py`, the facade that owns MLflow (docs/conventions.md, lesson 8): only
-`tracking.py` builds a sender; other code at most catches `MetricsNotDelivered`.
+It is a helper of `tracker.py`, the facade that owns MLflow (docs/conventions.md, lesson 8): only
+`tracker.py` builds a sender; other code at most catches `MetricsNotDelivered`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A real `mlflow server` on 127.0.0.1 for tracking: started, health-checked, restarted and
-stopped by process group. The tracking facade that talks to it is `tracking.py`.
+stopped by process group. The tracking facade that talks to it is `tracker.py`.
 
 Artifacts are proxied by the server (`--serve-artifacts`) to `artifacts_destination`, a local
 folder by default or an `s3://bucket/prefix` (an S3-compatible endpoint through

@@ -1,8 +1,8 @@
 """Experiment tracking: a local MLflow server and the tracking facade training code talks to.
 
-With its helpers (`metric_sender.py`, `model_logging.py`, `mlflow_server.py`, and
-`mlflow_client.py`: the server's limits, fail-fast HTTP settings, artifact-store errors) and with
-`registry.py` and `registered_versions.py` (the registry half of the API: versions, aliases, tags),
+With its helpers (`metric_sender.py`, `model_logging.py`, `server.py`, and
+`client.py`: the server's limits, fail-fast HTTP settings, artifact-store errors) and with
+`register.py` and `registered_versions.py` (the registry half of the API: versions, aliases, tags),
 this is the only code that imports `mlflow` (docs/conventions.md, lesson 8): MLflow's APIs move
 between releases, and keeping the calls in these few files keeps an upgrade small.
 
@@ -13,7 +13,7 @@ between releases, and keeping the calls in these few files keeps an upgrade smal
   restarts: metrics go through an ordered buffer that a background thread delivers with explicit
   timestamps, retrying through outages (`metric_sender.MetricSender`; its `MetricsNotDelivered`
   is what `flush` and `end_run` raise). Models are logged and loaded by `model_logging.py` and
-  registered by `registry.py`.
+  registered by `register.py`.
 * The reproducibility record's pure helpers (`flatten`, `params_hash`, `git_commit`) live in
   `provenance.py`.
 
@@ -78,7 +78,7 @@ _NO_TAGS: Mapping[str, str] = MappingProxyType({})
 
 class Tracker:
     """The tracking facade: runs, params, metrics, artifacts and models (registering them is
-    `registry.py`'s).
+    `register.py`'s).
 
     Args:
         uri: tracking URI (e.g. `MlflowServer.uri`); None falls back to `MLFLOW_TRACKING_URI`.

@@ -134,8 +134,8 @@ def train_loop(config: dict) -> None:
     history["loader_workers"] = workers
     if me.device.type == "cuda" and workers == 0 and me.is_chief:
         print("[rank 0] warning: run.loader_workers is 0, so decoding and augmentation run in "
-              "the training process (~21 Cityscapes 768x768 crops/s per core, below what a GPU "
-              "trains); leave run.loader_workers unset or give the cores each GPU can use",
+              "the training process, which decodes far fewer images a second than a GPU trains; "
+              "leave run.loader_workers unset or give the cores each GPU can use",
               flush=True)
 
     dataset = ShardDataset(root=spec.data, split="train", train=True, crop=recipe.crop,

@@ -1,6 +1,6 @@
-"""The registry's pure half (`platform.front`): pareto.json checks, names, aliases and buckets.
+"""The registry's pure half (`registry.front`): pareto.json checks, names, aliases and buckets.
 
-No MLflow server: the pareto.json files are written by `platform.pareto.write_front` from points
+No MLflow server: the pareto.json files are written by `pareto.analysis.write_front` from points
 whose trial records name made-up runs. Registering such files is tested in test_registry.py.
 """
 

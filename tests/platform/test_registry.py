@@ -1,7 +1,7 @@
 """The Pareto-aware registry against a real `mlflow server` on 127.0.0.1, with real logged models.
 
 One server per module. Five trials (`t0`..`t4`) each log a tiny routing network to a run of their
-own; each test writes a pareto.json with `platform.pareto.write_front` and registers it under a
+own; each test writes a pareto.json with `pareto.analysis.write_front` and registers it under a
 registered model name of its own. What the registry wrote is read back with MLflow's client.
 """
 
@@ -312,7 +312,7 @@ def test_select_the_best_version_under_a_budget(server, run_ids, client, tmp_pat
 
 @server_test
 def test_bad_pareto_json_gives_a_clear_error(server, run_ids, tmp_path):
-    """register_front checks the file and the name (`platform.front`, whose checks
+    """register_front checks the file and the name (`registry.front`, whose checks
     test_front.py covers one by one) before it writes anything."""
     good = json.loads(write_pareto(tmp_path / "pareto.json", FIRST, run_ids).read_text())
 
