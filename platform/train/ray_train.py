@@ -13,8 +13,9 @@ Ray is imported inside the functions that use it, not at the top: the checkpoint
 (checkpoints.py, and through it evaluation and prediction) import this module without needing Ray,
 which takes ~2 s to import.
 
-Networking: a local cluster started here binds to 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
-as docs/platform.md prescribes for these machines); RAY_ADDRESS connects to an existing cluster.
+Networking: a local cluster started here listens on 127.0.0.1 only, whatever the environment
+(`_loopback_only`; docs/platform.md, "Networking on these machines"); RAY_ADDRESS connects to an
+existing cluster, whose addresses are its own.
 """
 
 from __future__ import annotations
@@ -67,8 +68,26 @@ def init_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> Non
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _loopback_only()
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+
+
+def _loopback_only() -> None:
+    """Make the local cluster about to start listen on 127.0.0.1 only, whatever the caller's
+    environment says.
+
+    Ray decides between loopback and the machine's address from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER,
+    read once into `ray_constants.ENABLE_RAY_CLUSTER` when the `ray` package is first imported.
+    By the time a local cluster starts here, Ray has usually been imported already (Ray Tune's
+    modules import it at the top), so the variable alone would reach only the processes Ray
+    starts: the driver would still pick the machine's address, and the GCS and raylet would
+    listen on every interface. So both are set: the variable for Ray's processes, the constant
+    (a private of Ray 2.60, checked in its source) for this one.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def fit(train_fn: Callable[[dict], None], *, config: dict, name: str, storage: str,

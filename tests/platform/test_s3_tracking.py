@@ -48,8 +48,7 @@ def write_params(path: Path, *, storage: str, uri: str, name: str, workers: int 
 
 def dynroute(*args: object, cwd: Path, env: dict[str, str],
              timeout: int = 400) -> subprocess.CompletedProcess:
-    env = os.environ | env | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = os.environ | env | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run([str(BIN / "dynroute"), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

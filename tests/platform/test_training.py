@@ -40,8 +40,7 @@ def write_params(path: Path, **sections) -> Path:
 
 
 def env() -> dict:
-    return os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
 def run(*args, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -220,7 +220,7 @@ def write_params(path: Path, data: Path, **tune) -> Path:
 
 def dynroute_env() -> dict:
     return os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DEDUP_LOGS": "0"}
+                         "RAY_DEDUP_LOGS": "0"}
 
 
 def study_trials(tmp_path: Path):
