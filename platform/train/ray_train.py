@@ -69,7 +69,8 @@ def init_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> Non
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     _loopback_only()
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": _loopback_process_group})
 
 
 def _loopback_only() -> None:
@@ -88,6 +89,39 @@ def _loopback_only() -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _loopback_process_group() -> None:
+    """In each Ray worker of a local cluster (Ray's `worker_process_setup_hook`): the torch
+    process group's store, which rank 0 hosts, listens on its loopback address only.
+
+    Ray Train hands torch the master's address (127.0.0.1 on a local cluster), but torch's
+    TCPStore binds every interface whatever address it is given. It does accept a socket that
+    is already listening (`master_listen_fd`), so rank 0's store gets one bound to the master's
+    address. torch builds the store in `rendezvous._create_c10d_store` (torch 2.13, checked in
+    its source), which this wraps; other addresses and ranks go through unchanged.
+    """
+    import importlib
+    import ipaddress
+    import socket
+
+    # By module name: `torch.distributed.rendezvous` as an attribute is a function of that name.
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
+    original = rendezvous._create_c10d_store
+
+    def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):
+        try:
+            loopback = ipaddress.ip_address(hostname).is_loopback
+        except ValueError:  # a host name
+            loopback = False
+        if rank != 0 or not loopback or rendezvous._torchelastic_use_agent_store():
+            return original(hostname, port, rank, world_size, timeout, use_libuv)
+        listener = socket.create_server((hostname, port), backlog=world_size + 16)
+        return dist.TCPStore(host_name=hostname, port=port, world_size=world_size,
+                             is_master=True, timeout=timeout, multi_tenant=True,
+                             master_listen_fd=listener.detach(), use_libuv=True)
+
+    rendezvous._create_c10d_store = create_store
 
 
 def fit(train_fn: Callable[[dict], None], *, config: dict, name: str, storage: str,

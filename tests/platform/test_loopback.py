@@ -135,10 +135,8 @@ def test_ray_listens_on_loopback_only(listening):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap: the Ray Train worker's torch TCPStore (the "
-                   "process group's rendezvous) binds every interface; Ray Train creates it, "
-                   "and only a backend of our own that hands torch a loopback socket fixes it")
 def test_the_training_workers_listen_on_loopback_only(listening):
+    """The torch process group's store, which Ray Train builds in rank 0's worker."""
     seen, workers = listening
     sockets = {a for a, pid in seen if pid in workers}
     assert sockets, "the probe saw no training worker socket"
