@@ -29,7 +29,7 @@ def study_steps(results: Path) -> int:
     total = 0
     for run in sorted((results / "trials").iterdir()):
         last = max(run.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[1]))
-        state = torch.load(last / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(last / "state.pt", map_location="cpu", weights_only=True)
         total += int(state["step"]) - int((state.get("warm_start") or {}).get("step", 0))
     return total
 

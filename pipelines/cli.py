@@ -207,7 +207,6 @@ def train_command(
                                  "plain fp32 layout.")] = None,
 ) -> None:
     """Train the network on Ray Train (in-process with 0 workers), tracked in MLflow."""
-
     from dynroute.pipelines.run import train_spec
     from dynroute.platform.train.training import train
 
@@ -244,7 +243,6 @@ def evaluate_command(
     device: InferenceDevice = None,
 ) -> None:
     """mIoU, per-class IoU, real GFLOPs per image, gate usage and latency of a checkpoint."""
-
     from dynroute.pipelines.run import run_evaluation
 
     p = with_inference(load_params(params), fast=fast, device=device)
@@ -354,7 +352,6 @@ def tune_command(
 ) -> None:
     """Budget search: Optuna samples λ2, μ; Ray Tune trains and evaluates each trial; the
     mIoU-vs-GFLOPs trials go to {tune.results}/trials.json (see the pareto stage)."""
-
     from dynroute.pipelines.tune_stage import run_tune
 
     p = load_params(params)

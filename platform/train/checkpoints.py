@@ -4,7 +4,8 @@ holds, and how every stage finds, writes and loads one.
 A run's folder is `<run.storage>/<run.name>`; Ray Train (or, in-process, ray_train.py) puts each
 checkpoint in `checkpoint_<step:08d>` inside it. A checkpoint folder holds:
 - `state.pt`: the model's and optimizer's state, the step, the MLflow run id, the run's history
-  (restarts, the search's shared start, the loader processes);
+  (restarts, the search's shared start, the loader processes); tensors and plain data only, and
+  read back as such (`ray_train.read_state`: a file that would run code is refused);
 - `spec.json`: the TrainSpec that trained it (`TrainSpec.to_dict`), so the network can be rebuilt.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dynroute.models import build_network
-from dynroute.platform.train.ray_train import CHECKPOINT_PREFIX
+from dynroute.platform.train.ray_train import CHECKPOINT_PREFIX, read_state
 from dynroute.platform.train.spec import TrainSpec
 
 STATE_FILE = "state.pt"
@@ -61,7 +62,7 @@ def load(path: Path):
     folder = find(path)
     spec = TrainSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()))
     network = build_network(spec.network)
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    state = read_state(folder / STATE_FILE)
     network.load_state_dict(state["model"])
     network.training_run_id = state.get("mlflow_run_id")
     return network.eval(), spec

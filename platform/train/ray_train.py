@@ -21,6 +21,7 @@ existing cluster, whose addresses are its own.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -253,7 +254,9 @@ def latest_state(run_dir: str, *, name: str, in_worker: bool = True) -> object |
     for _, checkpoint in sorted(candidates, key=lambda c: c[0], reverse=True):
         try:
             with checkpoint.as_directory() as folder:  # may be a temporary download
-                return torch.load(Path(folder) / name, map_location="cpu", weights_only=False)
+                return read_state(Path(folder) / name)
+        except UnsafeCheckpointError:
+            raise  # not something a dying writer leaves: refuse it rather than skip it
         except Exception:  # incomplete (the writer died): try the one before
             continue
     return None
@@ -265,14 +268,34 @@ def newest_checkpoint(run_dir: str) -> str | None:
     return f"{run_dir.rstrip('/')}/{found[-1]}" if found else None
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that holds more than data: loading it would run code."""
+
+
+def read_state(path: Path) -> object:
+    """A checkpoint file read as data only: tensors, numbers, strings, lists and dicts.
+
+    torch's `weights_only` loader refuses anything else, such as a pickle that would call a
+    function while it loads, instead of running it; that refusal is UnsafeCheckpointError.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "not plain data"
+        raise UnsafeCheckpointError(
+            f"{path} holds more than tensors and plain data ({reason}); it was not loaded, "
+            f"since loading it could run code. Use checkpoints that dynroute wrote, from a "
+            f"source you trust") from None
+
+
 def load_state(checkpoint: str, *, name: str) -> object:
-    """torch.load of the file `name` in a checkpoint folder given as a local path or URI."""
+    """The file `name` of a checkpoint folder given as a local path or URI (`read_state`)."""
     from ray.train import Checkpoint
 
     if "://" not in checkpoint:
-        return torch.load(Path(checkpoint) / name, map_location="cpu", weights_only=False)
+        return read_state(Path(checkpoint) / name)
     with Checkpoint(checkpoint).as_directory() as folder:  # a temporary download
-        return torch.load(Path(folder) / name, map_location="cpu", weights_only=False)
+        return read_state(Path(folder) / name)
 
 
 def place_checkpoint(folder: Path, *, run_dir: str, step: int) -> str:
