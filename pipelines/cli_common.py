@@ -17,12 +17,13 @@ from dynroute.platform.config.params import Params, ParamsError
 from dynroute.platform.config.params import load_params as read_params
 from dynroute.platform.config.settings import Settings
 from dynroute.platform.tracking.server import MlflowServer
-from dynroute.platform.url_secrets import SettingsError
+from dynroute.platform.url_secrets import SettingsError, mask_secrets
 
 
 def fail(message: str) -> typer.Exit:
-    """Print `message` as an error and give the exit to raise (status 1)."""
-    typer.echo(f"error: {message}", err=True)
+    """Print `message` as an error, any password in a URL it quotes masked, and give the exit
+    to raise (status 1)."""
+    typer.echo(f"error: {mask_secrets(message)}", err=True)
     return typer.Exit(1)
 
 

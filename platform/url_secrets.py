@@ -55,6 +55,18 @@ def mask_url(url: str) -> str:
     return url
 
 
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/{1,2}[^\s'\"<>]+")
+
+
+def mask_secrets(text: str) -> str:
+    """`text` (an error message, a log line) with every URL in it masked as `mask_url` does.
+
+    A path that once was a URL counts too: `Path("s3://u:p@b")` prints as `s3:/u:p@b`.
+    """
+    return _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0).replace(":/", "://", 1)
+                                                if "://" not in m.group(0) else m.group(0)), text)
+
+
 def _is_placeholder(text: str) -> bool:
     return bool(re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}", text))
 

@@ -38,9 +38,12 @@ def truncate(value: str, limit: int) -> str:
 
 
 def configure_http_client() -> None:
-    """Apply `HTTP_DEFAULTS` where the environment sets nothing (MLflow reads them per request)."""
+    """Apply `HTTP_DEFAULTS` where the environment sets nothing (MLflow reads them per request),
+    and stop MLflow printing its own "View run … at: <tracking URI>" lines: they show the URI
+    as given, password included. The Tracker prints the link with the password masked."""
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 class ArtifactStoreError(MlflowException):

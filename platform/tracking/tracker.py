@@ -57,6 +57,7 @@ from dynroute.platform.tracking.client import (
 from dynroute.platform.tracking.metric_sender import MetricSender
 from dynroute.platform.tracking.model_logging import log_pytorch_model
 from dynroute.platform.tracking.provenance import flatten
+from dynroute.platform.url_secrets import mask_url
 
 if TYPE_CHECKING:
     import numpy as np
@@ -230,6 +231,20 @@ class Tracker:
             self.flush()
         finally:
             self._client.set_terminated(run_id, status=status)
+        self._print_link(run_id)
+
+    def _print_link(self, run_id: str) -> None:
+        """Where to see the run in the MLflow UI, the URI's password masked (MLflow's own line,
+        which it prints on ending a run, is turned off: it showed the password)."""
+        base = mask_url(self.uri).rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            return
+        try:
+            info = self._client.get_run(run_id).info
+        except MlflowException:  # only a courtesy: the run is ended already
+            return
+        print(f"View run {info.run_name} at: {base}/#/experiments/{info.experiment_id}/runs/"
+              f"{run_id}", flush=True)
 
     @contextlib.contextmanager
     def run(self, *, run_name: str, tags: Mapping[str, str] = _NO_TAGS,

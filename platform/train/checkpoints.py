@@ -20,6 +20,7 @@ import torch
 from dynroute.models import build_network
 from dynroute.platform.train.ray_train import CHECKPOINT_PREFIX, read_state
 from dynroute.platform.train.spec import TrainSpec
+from dynroute.platform.url_secrets import mask_url
 
 STATE_FILE = "state.pt"
 SPEC_FILE = "spec.json"
@@ -41,9 +42,14 @@ def completed_checkpoint(spec: TrainSpec) -> Path | None:
 
 
 def write(folder: Path, *, state: dict, spec: TrainSpec) -> None:
-    """Fill a checkpoint folder: `state` (see the module's docstring) and the spec."""
+    """Fill a checkpoint folder: `state` (see the module's docstring) and the spec, whose URLs
+    keep no password (a checkpoint is copied and uploaded, `dvc push` included)."""
     torch.save(state, folder / STATE_FILE)
-    (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+    saved = spec.to_dict()
+    saved["data"], saved["storage"] = mask_url(spec.data), mask_url(spec.storage)
+    if spec.tracking.uri is not None:
+        saved["tracking"]["uri"] = mask_url(spec.tracking.uri)
+    (folder / SPEC_FILE).write_text(json.dumps(saved, indent=2))
 
 
 def find(path: Path) -> Path:

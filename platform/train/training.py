@@ -44,6 +44,7 @@ from dynroute.platform.train.recipe import (
 )
 from dynroute.platform.train.spec import TrainSpec
 from dynroute.platform.train.train_step import TrainStep, graph_blocker
+from dynroute.platform.url_secrets import mask_url
 
 log = logging.getLogger("dynroute.train")
 _DROP_PATH_STREAM = 2  # the dataset's streams are 0 (permutation) and 1 (augmentation)
@@ -86,7 +87,7 @@ def _open_run(spec: TrainSpec, manifest):
         parent_run_id=spec.tracking.parent_run_id,
         state=state if isinstance(state, dict) else None, tags=tags,
         params={"model": asdict(spec.network) | {"route": None}, "train": asdict(spec.train),
-                "data": spec.data, "workers": spec.workers})
+                "data": mask_url(spec.data), "workers": spec.workers})
     return replace(spec, tracking=replace(spec.tracking, run_id=run_id)), tracker
 
 
