@@ -208,6 +208,7 @@ def train_command(
 ) -> None:
     """Train the network on Ray Train (in-process with 0 workers), tracked in MLflow."""
     from dynroute.pipelines.run import train_spec
+    from dynroute.platform.train.checkpoints import RunBusy
     from dynroute.platform.train.training import train
 
     p = load_params(params)
@@ -221,7 +222,7 @@ def train_command(
                                                "budget": budget}.items() if v is not None}))
         with tracking_uri(p) as uri:
             result = train(train_spec(p, data=str(data), uri=uri))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RunBusy) as err:
         raise fail(str(err)) from None
     typer.echo(f"trained: {result.metrics.get('step')} steps, checkpoint {result.checkpoint}")
 

@@ -11,13 +11,18 @@ checkpoint in `checkpoint_<step:08d>` inside it. A checkpoint folder holds:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from dynroute.models import build_network
+from dynroute.platform.train import ray_train
 from dynroute.platform.train.ray_train import CHECKPOINT_PREFIX, read_state
 from dynroute.platform.train.spec import TrainSpec
 from dynroute.platform.url_secrets import mask_url
@@ -41,15 +46,86 @@ def completed_checkpoint(spec: TrainSpec) -> Path | None:
     return folder if (folder / STATE_FILE).is_file() else None
 
 
-def write(folder: Path, *, state: dict, spec: TrainSpec) -> None:
+class ResumeMismatch(ValueError):
+    """A run's checkpoints come from another training than the one asked for."""
+
+
+class RunBusy(RuntimeError):
+    """Another process is training the same run."""
+
+
+def write(folder: Path, *, state: dict, spec: TrainSpec, data_hash: str | None = None) -> None:
     """Fill a checkpoint folder: `state` (see the module's docstring) and the spec, whose URLs
-    keep no password (a checkpoint is copied and uploaded, `dvc push` included)."""
+    keep no password (a checkpoint is copied and uploaded, `dvc push` included), with the
+    content hash of the data it trained on."""
     torch.save(state, folder / STATE_FILE)
-    saved = spec.to_dict()
+    saved = spec.to_dict() | {"data_hash": data_hash}
     saved["data"], saved["storage"] = mask_url(spec.data), mask_url(spec.storage)
     if spec.tracking.uri is not None:
         saved["tracking"]["uri"] = mask_url(spec.tracking.uri)
     (folder / SPEC_FILE).write_text(json.dumps(saved, indent=2))
+
+
+def _spec_from(text: str) -> tuple[TrainSpec, str | None]:
+    """(spec, data hash) from a checkpoint's spec.json (older ones have no data hash)."""
+    data = json.loads(text)
+    data_hash = data.pop("data_hash", None)
+    return TrainSpec.from_dict(data), data_hash
+
+
+def check_resume(spec: TrainSpec, *, data_hash: str) -> None:
+    """Refuse to continue a run whose newest checkpoint trained another network, with another
+    recipe or on other data: resuming would mix two trainings in one run and one MLflow run.
+
+    `train.iterations` may change (a longer training continues the same one); so may how the
+    run is executed (workers, checkpoint and log intervals). A run without checkpoints, or a
+    search's shared start copied in (no spec), starts as asked.
+    """
+    text = ray_train.read_newest_text(run_dir(spec), SPEC_FILE)
+    if text is None:
+        return
+    saved, saved_hash = _spec_from(text)
+    differ = [f"{section}.{key}: {old!r} then, {new!r} now"
+              for section in ("model", "train")
+              for key, new in asdict(getattr(spec, section)).items()
+              if (section, key) != ("train", "iterations")
+              and (old := getattr(getattr(saved, section), key)) != new]
+    if saved_hash is not None and saved_hash != data_hash:
+        differ.append(f"data: content hash {saved_hash[:12]} then, {data_hash[:12]} now "
+                      f"({mask_url(spec.data)})")
+    if differ:
+        raise ResumeMismatch(
+            f"run {spec.name!r} in {mask_url(run_dir(spec))} has checkpoints of another "
+            f"training ({'; '.join(differ)}), and resuming would mix the two. Give this "
+            f"training another run.name (--name), or remove that folder to start it afresh")
+
+
+@contextlib.contextmanager
+def one_writer(spec: TrainSpec) -> Iterator[None]:
+    """Hold the run for this process while it trains; another process that asks for the same
+    run meanwhile is refused (RunBusy). Local storage only: on s3:// nothing is held."""
+    if "://" in spec.storage:
+        yield
+        return
+    folder = Path(run_dir(spec)).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{spec.name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise RunBusy(f"run {spec.name!r} in {folder} is being trained by {holder}; wait "
+                          f"for it to end, or give this training another run.name "
+                          f"(--name)") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def find(path: Path) -> Path:
@@ -66,7 +142,7 @@ def find(path: Path) -> Path:
 def load(path: Path):
     """(network in eval mode, its TrainSpec) from a checkpoint folder or a run folder."""
     folder = find(path)
-    spec = TrainSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()))
+    spec, _ = _spec_from((folder / SPEC_FILE).read_text())
     network = build_network(spec.network)
     state = read_state(folder / STATE_FILE)
     network.load_state_dict(state["model"])

@@ -323,6 +323,19 @@ def _step_of(path: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+def read_newest_text(run_dir: str, name: str) -> str | None:
+    """The text of the file `name` in the newest checkpoint folder of the run that has it
+    readable (local path or URI), or None."""
+    fs, _ = filesystem_for(run_dir)
+    for path, _ in sorted(_persisted_names(run_dir), key=lambda p: _step_of(p[1]), reverse=True):
+        try:
+            with fs.open_input_stream(join(path, name)) as stream:
+                return stream.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError):  # not written yet, or cut short: the one before
+            continue
+    return None
+
+
 def _persisted_names(run_dir: str) -> list[tuple[str, str]]:
     """(path inside the filesystem, folder name) of the checkpoint folders under the run's
     storage folder (local path or URI)."""

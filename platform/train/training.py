@@ -55,6 +55,12 @@ def train(spec: TrainSpec) -> ray_train.FitResult:
     if "://" not in spec.data:  # workers run elsewhere (other folders, other nodes)
         spec = replace(spec, data=os.path.abspath(spec.data))
     manifest = read_manifest(spec.data)  # fail early and clearly when the data is missing
+    with checkpoints.one_writer(spec):
+        checkpoints.check_resume(spec, data_hash=manifest.content_hash)
+        return _fit(spec, manifest)
+
+
+def _fit(spec: TrainSpec, manifest) -> ray_train.FitResult:
     spec, tracker = _open_run(spec, manifest)
     try:
         return ray_train.fit(train_loop, config=spec.to_dict(), name=spec.name,
@@ -139,6 +145,7 @@ def train_loop(config: dict) -> None:
               "leave run.loader_workers unset or give the cores each GPU can use",
               flush=True)
 
+    data_hash = read_manifest(spec.data).content_hash  # recorded in each checkpoint's spec
     dataset = ShardDataset(root=spec.data, split="train", train=True, crop=recipe.crop,
                            seed=recipe.seed, rank=me.rank, world_size=me.world_size)
     per_epoch = steps_per_epoch(len(dataset), recipe.batch_size)
@@ -198,7 +205,8 @@ def train_loop(config: dict) -> None:
                         line = _progress_line(last_metrics, step, recipe.iterations, started)
                         print(line, flush=True)
             if saves:
-                _checkpoint(network, optimizer, step, run_id, history, spec, me, last_metrics)
+                _checkpoint(network, optimizer, step, run_id, history, spec, me, last_metrics,
+                            data_hash)
         skip = 0
     if me.is_chief:
         if history["resumes"] and history["resumes"][-1] >= recipe.iterations:
@@ -235,12 +243,13 @@ def _progress_line(metrics: dict, step: int, total: int, started: float) -> str:
             f"ETA {eta:.0f}s")
 
 
-def _checkpoint(network, optimizer, step, run_id, history, spec, me, metrics) -> None:
+def _checkpoint(network, optimizer, step, run_id, history, spec, me, metrics,
+                data_hash) -> None:
     """`history`: `resumes` (the steps this run restarted from so far), `warm_start` and
     `loader_workers` (the loader processes the run's batch order comes from)."""
     with ray_train.checkpoint_dir(step) as folder:
         if me.is_chief:
-            checkpoints.write(folder, spec=spec, state={
+            checkpoints.write(folder, spec=spec, data_hash=data_hash, state={
                 "model": network.state_dict(), "optimizer": optimizer.state_dict(),
                 "step": step, "mlflow_run_id": run_id, **history})
         report = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
