@@ -35,6 +35,11 @@ class NetworkConfig:
     route: Route | None = None
 
     def __post_init__(self) -> None:
+        if self.layers < 4:
+            raise ValueError(f"layers={self.layers}: the routing space needs at least 4 rows so "
+                             f"that every scale is reached")
+        if self.base_channels < 1:
+            raise ValueError(f"base_channels={self.base_channels}: must be at least 1")
         if self.cell not in CELL_OPS:
             raise ValueError(f"cell={self.cell!r}: choose one of {sorted(CELL_OPS)}")
         if self.gate not in GATE_KINDS:

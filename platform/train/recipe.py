@@ -56,6 +56,20 @@ class TrainConfig:
             raise ValueError(f"train.crop = {list(self.crop)}: give [height, width], each >= 32")
         if self.grad_clip <= 0:
             raise ValueError(f"train.grad_clip = {self.grad_clip}: must be positive")
+        if self.lr <= 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ValueError("train.lr must be positive, train.momentum in [0, 1) and "
+                             "train.weight_decay >= 0")
+        if self.warmup_iterations < 0 or not 0 < self.warmup_factor <= 1:
+            raise ValueError("train.warmup_iterations must be >= 0 and train.warmup_factor in "
+                             "(0, 1]")
+        if self.lambda2 is not None and self.lambda2 < 0:
+            raise ValueError(f"train.lambda2 = {self.lambda2}: the budget's weight must be >= 0")
+        if self.mu is not None and not 0 <= self.mu <= 1:
+            raise ValueError(f"train.mu = {self.mu}: the target cost is a fraction of C_all, "
+                             f"in [0, 1]")
+        if not 0 <= self.budget_start <= 1 or self.budget_ramp < 0:
+            raise ValueError("train.budget_start must lie in [0, 1] (a fraction of the "
+                             "iterations) and train.budget_ramp be >= 0")
 
     @property
     def budget_weights(self) -> tuple[float, float]:

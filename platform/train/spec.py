@@ -37,6 +37,18 @@ class RunSettings:
     bf16: bool = False
     channels_last: bool = False
 
+    def __post_init__(self) -> None:
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\"):
+            raise ValueError(f"run.name = {self.name!r}: give a folder name (no '/', not '.' "
+                             f"or '..'): the run's checkpoints go to run.storage/run.name")
+        if self.workers < 0 or self.max_failures < 0:
+            raise ValueError("run.workers and run.max_failures must be >= 0")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("run.checkpoint_every and run.log_every must be at least 1 (steps)")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise ValueError(f"run.loader_workers = {self.loader_workers}: give >= 0, or leave "
+                             f"it unset")
+
 
 @dataclass(frozen=True)
 class TrackingSpec:
@@ -60,6 +72,7 @@ class TrainSpec(RunSettings):
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.model.route is not None:
             raise ValueError(f"model.route = {self.model.route.name!r}: a training spec trains "
                              f"the whole routing space; a static route has no spec")

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,34 @@ def test_every_run_key_reaches_the_training_spec():
     spec = train_spec(params, data="d", uri="http://127.0.0.1:1")
     assert {k: getattr(spec, k) for k in changed} == changed
     assert spec.tracking.run_name == "n"
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("train: {lambda2: -0.5}", "train.lambda2"),
+    ("train: {mu: 1.5}", "train.mu"),
+    ("train: {lr: 0}", "train.lr"),
+    ("run: {checkpoint_every: 0}", "run.checkpoint_every"),
+    ("run: {workers: -1}", "run.workers"),
+    ("run: {name: ''}", "run.name"),
+    ("run: {name: ../../elsewhere}", "run.name"),
+    ("model: {layers: 3}", "layers=3"),
+])
+def test_impossible_values_are_refused_when_params_load(tmp_path, text, key):
+    """Before any side effect: every stage loads params.yaml first."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ParamsError, match=re.escape(key)):
+        load_params(path)
+
+
+def test_a_bad_command_line_override_is_refused_before_anything_starts(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text("tracking: {uri: local, dir: mlruns}\n")
+    dynroute = Path(sys.executable).parent / "dynroute"
+    res = subprocess.run([str(dynroute), "train", "--data", "nowhere", "--workers", "-1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "run.workers" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "mlruns").exists(), "an MLflow server started before the check"
