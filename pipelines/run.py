@@ -58,7 +58,7 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
     settings = params.evaluate
     tta = (TTA(scales=settings.tta_scales or (1.0,), flip=settings.tta_flip)
            if settings.tta_scales or settings.tta_flip else None)
-    dataset = ShardDataset(root=data, split=settings.split, train=False, crop=None)
+    dataset = ShardDataset(root=data, split=settings.split, train=False, crop=None, verify=True)
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(network, dataset, num_classes=manifest.num_classes,
                       class_names=manifest.class_names,

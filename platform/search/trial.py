@@ -172,7 +172,7 @@ def _evaluate(spec: TrainSpec, weights: dict, *, split: str,
     manifest = read_manifest(spec.data)
     with torch.inference_mode():
         result = evaluate(network, ShardDataset(root=spec.data, split=split, train=False,
-                                                crop=None),
+                                                crop=None, verify=True),
                           num_classes=manifest.num_classes, class_names=manifest.class_names,
                           cost_resolution=tuple(cost_resolution),
                           device=inference_device() if spec.use_gpu else "cpu")

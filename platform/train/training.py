@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from dynroute.models import BudgetLoss, BudgetSchedule, build_network
 from dynroute.platform import metrics as M
 from dynroute.platform.data.dataset import ShardDataset
-from dynroute.platform.data.shards import read_manifest
+from dynroute.platform.data.shards import read_manifest, verify_shards
 from dynroute.platform.device import fast_path
 from dynroute.platform.tracking import runs
 from dynroute.platform.train import checkpoints, ray_train
@@ -55,6 +55,8 @@ def train(spec: TrainSpec) -> ray_train.FitResult:
     if "://" not in spec.data:  # workers run elsewhere (other folders, other nodes)
         spec = replace(spec, data=os.path.abspath(spec.data))
     manifest = read_manifest(spec.data)  # fail early and clearly when the data is missing
+    # Every byte the training reads is the one the manifest's hash (its MLflow tag) stands for.
+    verify_shards(spec.data, manifest, splits=("train",))
     with checkpoints.one_writer(spec):
         checkpoints.check_resume(spec, data_hash=manifest.content_hash)
         return _fit(spec, manifest)
