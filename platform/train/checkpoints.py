@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -27,6 +28,7 @@ from dynroute.platform.train.ray_train import CHECKPOINT_PREFIX, read_state
 from dynroute.platform.train.spec import TrainSpec
 from dynroute.platform.url_secrets import mask_url
 
+log = logging.getLogger("dynroute.checkpoints")
 STATE_FILE = "state.pt"
 SPEC_FILE = "spec.json"
 
@@ -128,26 +130,46 @@ def one_writer(spec: TrainSpec) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def find(path: Path) -> Path:
-    """A checkpoint folder: `path` itself, or the newest `checkpoint_*` inside a run folder."""
+def find(path: Path) -> list[Path]:
+    """The checkpoint folders at `path`, newest first: `path` itself, or the `checkpoint_*`
+    folders inside a run folder."""
     if (path / STATE_FILE).is_file():
-        return path
-    found = sorted(p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
+        return [path]
+    found = sorted((p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()),
+                   reverse=True)
     if not found:
         raise FileNotFoundError(f"no checkpoint in {path}: expected {STATE_FILE} there or in a "
                                 f"{CHECKPOINT_PREFIX}* folder; run `dynroute train` first")
-    return found[-1]
+    return found
 
 
 def load(path: Path):
-    """(network in eval mode, its TrainSpec) from a checkpoint folder or a run folder."""
-    folder = find(path)
-    spec, _ = _spec_from((folder / SPEC_FILE).read_text())
-    network = build_network(spec.network)
-    state = read_state(folder / STATE_FILE)
-    network.load_state_dict(state["model"])
-    network.training_run_id = state.get("mlflow_run_id")
-    return network.eval(), spec
+    """(network in eval mode, its TrainSpec) from a checkpoint folder, or from the newest
+    checkpoint of a run folder that loads (a damaged newest one, as a writer that died leaves
+    it, falls back to the one before, as a resumed training does).
+
+    Raises:
+        UnsafeCheckpointError: a checkpoint that would run code (never skipped).
+        ValueError: no checkpoint loads; the message names each and why.
+    """
+    failures = []
+    for folder in find(path):
+        try:
+            spec, _ = _spec_from((folder / SPEC_FILE).read_text())
+            network = build_network(spec.network)
+            state = read_state(folder / STATE_FILE)
+            network.load_state_dict(state["model"])
+        except ray_train.UnsafeCheckpointError:
+            raise
+        except Exception as err:  # cut short or damaged: the one before
+            failures.append(f"{folder.name}: {type(err).__name__}: {err}".splitlines()[0])
+            continue
+        if failures:
+            log.warning("skipped damaged checkpoints in %s (%s); using %s", path,
+                        "; ".join(failures), folder.name)
+        network.training_run_id = state.get("mlflow_run_id")
+        return network.eval(), spec
+    raise ValueError(f"no checkpoint in {path} loads: {'; '.join(failures)}")
 
 
 def load_model(source: str, *, tracking_uri: str | None):

@@ -92,3 +92,17 @@ def test_a_resumed_training_refuses_a_checkpoint_that_would_run_code(tmp_path, p
     assert res.returncode == 1, res.stdout + res.stderr
     assert not marker.exists(), "the payload ran"
     assert "could run code" in res.stderr
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, prepared):
+    run = tmp_path / "runs" / "net"
+    older = write_checkpoint(run / "checkpoint_00000002", data=prepared, marker=None)
+    newest = write_checkpoint(run / "checkpoint_00000004", data=prepared, marker=None)
+    state = newest / checkpoints.STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a writer that died
+    network, spec = checkpoints.load(run)
+    assert spec.name == "net" and network.layers == MODEL.layers
+
+    (older / checkpoints.STATE_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"checkpoint_00000004: .*; checkpoint_00000002: "):
+        checkpoints.load(run)
