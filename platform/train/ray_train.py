@@ -70,8 +70,7 @@ def init_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> Non
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     _loopback_only()
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"worker_process_setup_hook": _loopback_process_group})
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
 
 
 def _loopback_only() -> None:
@@ -93,8 +92,8 @@ def _loopback_only() -> None:
 
 
 def _loopback_process_group() -> None:
-    """In each Ray worker of a local cluster (Ray's `worker_process_setup_hook`): the torch
-    process group's store, which rank 0 hosts, listens on its loopback address only.
+    """In each Ray Train worker, before its process group is set up: the torch process group's
+    store, which rank 0 hosts, listens on its address only when that is a loopback address.
 
     Ray Train hands torch the master's address (127.0.0.1 on a local cluster), but torch's
     TCPStore binds every interface whatever address it is given. It does accept a socket that
@@ -125,6 +124,30 @@ def _loopback_process_group() -> None:
     rendezvous._create_c10d_store = create_store
 
 
+def _torch_config():
+    """Ray Train's torch set-up, with `_loopback_process_group` run on every worker first.
+
+    Not a worker start-up hook of the whole cluster: that imported torch in every Ray worker
+    before Ray set the task's OMP_NUM_THREADS, so each search trial ran torch on all the cores
+    and two trials on two cores ran ~5× slower. Ray Train's workers have torch loaded already.
+    `_TorchBackend` is a private of Ray 2.60's Train (checked in its source).
+    """
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class LoopbackBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            worker_group.execute(_loopback_process_group)
+            super().on_start(worker_group, backend_config)
+
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return LoopbackBackend
+
+    return LoopbackTorchConfig()
+
+
 def fit(train_fn: Callable[[dict], None], *, config: dict, name: str, storage: str,
         num_workers: int, use_gpu: bool = False, cpus_per_worker: float = 1.0,
         max_failures: int = 2, keep_checkpoints: int = 2) -> FitResult:
@@ -139,6 +162,7 @@ def fit(train_fn: Callable[[dict], None], *, config: dict, name: str, storage: s
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=config,
+        torch_config=_torch_config(),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(

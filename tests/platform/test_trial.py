@@ -132,3 +132,29 @@ def test_a_task_with_one_gpu_sizes_its_loader_by_its_nodes_gpus(ray_with_a_gpu):
     assert len(gpus) == 1
     assert machine == 2
     assert workers == 16 // 2 - 1
+
+
+
+def test_a_one_cpu_task_runs_torch_on_one_thread():
+    """Trials of a search run side by side, one CPU each: torch in a trial must keep to it.
+    Ray sets OMP_NUM_THREADS for a task; torch loaded in a worker before that would take every
+    core, and two trials on two cores ran ~5x slower. A fresh local cluster, as `dynroute tune`
+    starts one (this module's cluster has reused workers for tasks of other sizes)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ray\n"
+        "from dynroute.platform.train.ray_train import init_ray\n"
+        "init_ray(num_cpus=2)\n"
+        "@ray.remote(num_cpus=1)\n"
+        "def threads():\n"
+        "    import torch\n"
+        "    return torch.get_num_threads()\n"
+        "print('threads', *ray.get([threads.remote() for _ in range(2)]))\n"
+        "ray.shutdown()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "threads 1 1" in res.stdout, res.stdout[-2000:]
