@@ -27,7 +27,7 @@ def study_steps(results: Path) -> int:
     """Training steps the study ran, from its runs' final checkpoints: a run that started from
     the shared prefix ran its last step minus the prefix's."""
     total = 0
-    for run in sorted((results / "trials").iterdir()):
+    for run in sorted(p for p in (results / "trials").iterdir() if p.is_dir()):
         last = max(run.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[1]))
         state = torch.load(last / "state.pt", map_location="cpu", weights_only=True)
         total += int(state["step"]) - int((state.get("warm_start") or {}).get("step", 0))

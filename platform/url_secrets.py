@@ -63,8 +63,13 @@ def mask_secrets(text: str) -> str:
 
     A path that once was a URL counts too: `Path("s3://u:p@b")` prints as `s3:/u:p@b`.
     """
-    return _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0).replace(":/", "://", 1)
-                                                if "://" not in m.group(0) else m.group(0)), text)
+    def mask(match: re.Match) -> str:
+        url = match.group(0)
+        if "://" in url:
+            return mask_url(url)
+        return mask_url(url.replace(":/", "://", 1)).replace("://", ":/", 1)  # as it was
+
+    return _URL_IN_TEXT.sub(mask, text)
 
 
 def _is_placeholder(text: str) -> bool:

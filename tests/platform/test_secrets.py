@@ -79,3 +79,5 @@ def test_mask_secrets_masks_every_url_in_a_text_and_leaves_the_rest():
     assert PASSWORD not in masked
     assert "postgresql://u:***@db:5432/x?password=***" in masked
     assert "s3://bucket/key;" in masked and "at 10:20" in masked
+    assert "/tmp/s3:/k:***@b/p" in masked, "a path keeps its form"
+    assert mask_secrets("cannot load models:/m@nope") == "cannot load models:/m@nope"

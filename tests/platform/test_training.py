@@ -1,6 +1,7 @@
 """Training end to end on tiny synthetic data: in-process, on Ray workers, after a worker dies,
 as a Ray job, and tracked in a real MLflow server."""
 
+import hashlib
 import json
 import os
 import re
@@ -236,11 +237,18 @@ def test_a_failed_training_ends_its_run_failed_and_resuming_continues_it(prepare
     shutil.copytree(prepared, data)
     shards = sorted((data / "shards").glob("train-*.parquet"))
     assert shards, "the prepared data has train shards"
-    originals = {p: p.read_bytes() for p in shards}
+    manifest = data / "manifest.json"
+    originals = {p: p.read_bytes() for p in [*shards, manifest]}
 
-    def break_shards() -> None:  # the manifest stays valid: the failure comes from the workers
+    def break_shards() -> None:
+        """The failure must come from the workers: the manifest is rewritten to vouch for the
+        broken shards (their checksums), so the driver's check of the shards passes."""
+        document = json.loads(manifest.read_text())
         for path in shards:
             path.write_bytes(b"not parquet")
+        for shard in document["splits"]["train"]["shards"]:
+            shard["sha256"] = hashlib.sha256(b"not parquet").hexdigest()
+        manifest.write_text(json.dumps(document))
 
     with MlflowServer(root=tmp_path / "mlruns") as server:
         client = MlflowClient(server.uri)
