@@ -14,7 +14,7 @@ Ray is imported inside the functions that use it, not at the top: the checkpoint
 which takes ~2 s to import.
 
 Networking: a local cluster started here listens on 127.0.0.1 only, whatever the environment
-(`_loopback_only`; docs/platform.md, "Networking on these machines"); RAY_ADDRESS connects to an
+(`loopback.py`; docs/platform.md, "Networking on these machines"); RAY_ADDRESS connects to an
 existing cluster, whose addresses are its own.
 """
 
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from dynroute.platform.data.shards import filesystem_for, join
+from dynroute.platform.train import loopback
 
 CHECKPOINT_PREFIX = "checkpoint_"
 _LOCAL_RUN_DIR = "DYNROUTE_LOCAL_RUN_DIR"  # where local mode keeps its checkpoints
@@ -69,83 +70,8 @@ def init_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> Non
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    _loopback_only()
+    loopback.loopback_only()
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
-
-
-def _loopback_only() -> None:
-    """Make the local cluster about to start listen on 127.0.0.1 only, whatever the caller's
-    environment says.
-
-    Ray decides between loopback and the machine's address from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER,
-    read once into `ray_constants.ENABLE_RAY_CLUSTER` when the `ray` package is first imported.
-    By the time a local cluster starts here, Ray has usually been imported already (Ray Tune's
-    modules import it at the top), so the variable alone would reach only the processes Ray
-    starts: the driver would still pick the machine's address, and the GCS and raylet would
-    listen on every interface. So both are set: the variable for Ray's processes, the constant
-    (a private of Ray 2.60, checked in its source) for this one.
-    """
-    import ray._private.ray_constants as ray_constants
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def _loopback_process_group() -> None:
-    """In each Ray Train worker, before its process group is set up: the torch process group's
-    store, which rank 0 hosts, listens on its address only when that is a loopback address.
-
-    Ray Train hands torch the master's address (127.0.0.1 on a local cluster), but torch's
-    TCPStore binds every interface whatever address it is given. It does accept a socket that
-    is already listening (`master_listen_fd`), so rank 0's store gets one bound to the master's
-    address. torch builds the store in `rendezvous._create_c10d_store` (torch 2.13, checked in
-    its source), which this wraps; other addresses and ranks go through unchanged.
-    """
-    import importlib
-    import ipaddress
-    import socket
-
-    # By module name: `torch.distributed.rendezvous` as an attribute is a function of that name.
-    rendezvous = importlib.import_module("torch.distributed.rendezvous")
-    original = rendezvous._create_c10d_store
-
-    def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):
-        try:
-            loopback = ipaddress.ip_address(hostname).is_loopback
-        except ValueError:  # a host name
-            loopback = False
-        if rank != 0 or not loopback or rendezvous._torchelastic_use_agent_store():
-            return original(hostname, port, rank, world_size, timeout, use_libuv)
-        listener = socket.create_server((hostname, port), backlog=world_size + 16)
-        return dist.TCPStore(host_name=hostname, port=port, world_size=world_size,
-                             is_master=True, timeout=timeout, multi_tenant=True,
-                             master_listen_fd=listener.detach(), use_libuv=True)
-
-    rendezvous._create_c10d_store = create_store
-
-
-def _torch_config():
-    """Ray Train's torch set-up, with `_loopback_process_group` run on every worker first.
-
-    Not a worker start-up hook of the whole cluster: that imported torch in every Ray worker
-    before Ray set the task's OMP_NUM_THREADS, so each search trial ran torch on all the cores
-    and two trials on two cores ran ~5× slower. Ray Train's workers have torch loaded already.
-    `_TorchBackend` is a private of Ray 2.60's Train (checked in its source).
-    """
-    from ray.train.torch import TorchConfig
-    from ray.train.torch.config import _TorchBackend
-
-    class LoopbackBackend(_TorchBackend):
-        def on_start(self, worker_group, backend_config) -> None:
-            worker_group.execute(_loopback_process_group)
-            super().on_start(worker_group, backend_config)
-
-    class LoopbackTorchConfig(TorchConfig):
-        @property
-        def backend_cls(self):
-            return LoopbackBackend
-
-    return LoopbackTorchConfig()
 
 
 def fit(train_fn: Callable[[dict], None], *, config: dict, name: str, storage: str,
@@ -162,7 +88,7 @@ def fit(train_fn: Callable[[dict], None], *, config: dict, name: str, storage: s
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=config,
-        torch_config=_torch_config(),
+        torch_config=loopback.torch_config(),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
