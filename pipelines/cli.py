@@ -332,6 +332,7 @@ def ui_command(
 app.command("register")(cli_registry.register_command)
 app.command("select")(cli_registry.select_command)
 app.command("predict")(cli_registry.predict_command)
+model_app.command("convert")(cli_registry.convert_command)
 # === end of the registry block ===============================================================
 
 

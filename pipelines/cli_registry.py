@@ -132,3 +132,29 @@ def predict_command(
                    f"{len(row.open_paths)} open paths{skipped} → {out / row.mask}, "
                    f"{out / row.route}")
     typer.echo(f"summary: {out / 'predictions.json'}")
+
+
+def convert_command(
+    model: Annotated[str, typer.Argument(
+        help="The pickled model: models:/NAME/VERSION, models:/NAME@ALIAS, models:/<id> or "
+             "runs:/<run>/model.")],
+    trust_pickle: Annotated[bool, typer.Option(
+        "--trust-pickle", help="Required: loading a pickle runs any code it carries.")] = False,
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+) -> None:
+    """Re-save a trusted model that an earlier dynroute logged as a pickle, as data (weights
+    and config, their SHA-256 recorded); a registered version is replaced by a new version that
+    takes over its tags and aliases."""
+    from dynroute.platform.registry.convert import convert_model
+
+    p = load_params(params)
+    try:
+        with tracking_uri(p) as uri:
+            done = convert_model(model, tracking_uri=uri, trust_pickle=trust_pickle)
+    except _registry_errors() as err:
+        raise fail(str(err)) from None
+    typer.echo(f"converted {done.source}: logged as data at {done.model_uri}")
+    if done.registered is not None:
+        typer.echo(f"{done.registered}: version {done.new_version} replaces version "
+                   f"{done.old_version} (tagged converted_to={done.new_version}); aliases "
+                   f"moved: {', '.join(done.aliases) or 'none'}")

@@ -59,6 +59,11 @@ from dynroute.platform.registry.registered_versions import (
     registry_client,
 )
 from dynroute.platform.tracking.client import MAX_TAG_VALUE_CHARS, truncate
+from dynroute.platform.tracking.model_logging import (
+    TAG_WEIGHTS_SHA256,
+    ModelLoadError,
+    recorded_model,
+)
 
 __all__ = [
     "SERVICE_ERRORS",
@@ -67,6 +72,8 @@ __all__ = [
 ]
 
 TAG_PARAMS, TAG_DATASET = "params", "dataset"  # the other tags: registered_versions.py
+# On a pickled version that `dynroute model convert` replaced: the version that replaced it.
+TAG_CONVERTED_TO = "converted_to"
 
 # What a registry call raises when MLflow itself fails (server down, refused request); callers
 # outside this module catch these without importing mlflow.
@@ -119,6 +126,21 @@ def _version_tags(point: Point, front: Front) -> dict[str, str]:
         if key in meta:
             tags[key] = meta[key]
     return {k: _tag(v) for k, v in tags.items()}
+
+
+def _weights_sha256(point: Point, front: Front, tracking_uri: str) -> str:
+    """The SHA-256 the server recorded for the weights of `point`'s logged model."""
+    uri = str(point.meta["model_uri"])
+    try:
+        record = recorded_model(uri, tracking_uri=tracking_uri)
+    except ModelLoadError as err:
+        raise RegistryError(f"{front.source}: trial {point.id!r}: {err}") from None
+    if record.sha256 is None:
+        raise RegistryError(
+            f"{front.source}: trial {point.id!r}: {uri} was logged in MLflow's pickle format by "
+            f"an earlier dynroute and is not registered (loading it would run code). If you "
+            f"trust it, convert it first: `dynroute model convert {uri} --trust-pickle`")
+    return record.sha256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +283,8 @@ def register_front(pareto: Mapping | str | os.PathLike, *, tracking_uri: str, na
     by_run = {}
     by_trial = {}
     for version in existing:  # oldest first: a duplicate registration never wins
+        if version.tags.get(TAG_CONVERTED_TO):
+            continue  # a pickled version `dynroute model convert` replaced
         if version.run_id:
             by_run.setdefault(version.run_id, version)
         else:
@@ -278,7 +302,9 @@ def register_front(pareto: Mapping | str | os.PathLike, *, tracking_uri: str, na
         match = (by_run.get(run_id) if run_id else None) or by_trial.get(
             (tags[TAG_STUDY], point.id))
         if match is None:
-            # Tags go with the creation, so a version never exists without its figures.
+            # Tags go with the creation, so a version never exists without its figures (nor
+            # the SHA-256 of its weights, which loading checks).
+            tags[TAG_WEIGHTS_SHA256] = _weights_sha256(point, front, tracking_uri)
             mlflow.set_tracking_uri(tracking_uri)
             mlflow.set_registry_uri(tracking_uri)
             try:

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
-
+from dynroute.models import NetworkConfig
 from dynroute.platform.tracking.provenance import flatten, git_commit, params_hash
 from dynroute.platform.tracking.tracker import RunStatus, Tracker
 
@@ -91,17 +89,12 @@ def worker_tracker(uri: str | None, experiment: str, run_id: str | None, *,
     return worker
 
 
-def finish_training_run(worker: Tracker, network, *, crop: tuple[int, int]) -> None:
-    """Log the trained network (with an input and output example at the training crop and the
-    torch and numpy it needs) and end the run FINISHED."""
+def finish_training_run(worker: Tracker, network, config: NetworkConfig) -> None:
+    """Log the trained network (data only: its config and weights, `model_logging.py`) and end
+    the run FINISHED."""
     if not worker.enabled:
         return
-    h, w = crop
-    example = np.zeros((1, 3, h, w), dtype=np.float32)
-    logits = np.zeros((1, network.num_classes, h, w), dtype=np.float32)
-    requirements = [f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]
-    worker.log_model(network.cpu().eval(), name="model", input_example=example,
-                     output_example=logits, pip_requirements=requirements)
+    worker.log_network(network.cpu().eval(), config, name="model")
     worker.flush()
     worker.end_run()
 

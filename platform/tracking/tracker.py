@@ -12,8 +12,8 @@ between releases, and keeping the calls in these few files keeps an upgrade smal
   method into a no-op, so the training loop never branches on rank) and robust to a server that
   restarts: metrics go through an ordered buffer that a background thread delivers with explicit
   timestamps, retrying through outages (`metric_sender.MetricSender`; its `MetricsNotDelivered`
-  is what `flush` and `end_run` raise). Models are logged and loaded by `model_logging.py` and
-  registered by `register.py`.
+  is what `flush` and `end_run` raise). Networks are logged and loaded as data by `model_logging.py`
+  and registered by `register.py`.
 * The reproducibility record's pure helpers (`flatten`, `params_hash`, `git_commit`) live in
   `provenance.py`.
 
@@ -21,8 +21,7 @@ MLflow 3.17 facts this module relies on (checked in the installed source; those 
 delivery and model logging are in the helpers' docstrings):
 
 * The fluent active-run stack is thread-local, so the facade keeps its own run stack and logs
-  through `MlflowClient` with explicit run ids; only model logging/registration use the fluent
-  API (in `model_logging.py`, with the process-wide tracking URI set first).
+  through `MlflowClient` with explicit run ids, and so do model logging and loading.
 * The parameter value limit is 6000 characters (older releases and docs: 500); longer values are
   cut silently by the server (`MLFLOW_TRUNCATE_LONG_VALUES`), so we cut them with a visible marker.
 * `MLFLOW_HTTP_REQUEST_MAX_RETRIES` / `_TIMEOUT` / `_BACKOFF_FACTOR` are read on every request.
@@ -55,13 +54,14 @@ from dynroute.platform.tracking.client import (
     truncate,
 )
 from dynroute.platform.tracking.metric_sender import MetricSender
-from dynroute.platform.tracking.model_logging import log_pytorch_model
+from dynroute.platform.tracking.model_logging import log_network
 from dynroute.platform.tracking.provenance import flatten
 from dynroute.platform.url_secrets import mask_url
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
+
+    from dynroute.models import NetworkConfig
 
 __all__ = ["RunStatus", "Tracker"]
 
@@ -369,13 +369,10 @@ class Tracker:
 
     # -- models ------------------------------------------------------------------------------
 
-    def log_model(self, model: torch.nn.Module, *, name: str, input_example: np.ndarray,
-                  output_example: np.ndarray | None = None,
-                  pip_requirements: list[str] | None = None) -> str | None:
-        """Log a PyTorch model to the active run, with a signature inferred from the examples.
-
-        Arguments as in `model_logging.log_pytorch_model`, which does the work (pickled, ~1 s;
-        None for `output_example` runs the model on `input_example`, (B, 3, H, W) float32).
+    def log_network(self, network: torch.nn.Module, config: NetworkConfig, *,
+                    name: str = "model") -> str | None:
+        """Log a network to the active run as data only (`model_logging.log_network`: its
+        config as JSON, its weights as tensors, their SHA-256 recorded on the server).
 
         Returns:
             The model URI, `models:/<model_id>` (None when disabled).
@@ -385,8 +382,5 @@ class Tracker:
         run_id = self._active()
         assert self.uri is not None
         with storing(f"model {name!r}", self.uri):
-            return log_pytorch_model(model, tracking_uri=self.uri,
-                                     experiment_id=self._experiment(), run_id=run_id, name=name,
-                                     input_example=input_example,
-                                     output_example=output_example,
-                                     pip_requirements=pip_requirements)
+            return log_network(network, config, tracking_uri=self.uri,
+                               experiment_id=self._experiment(), run_id=run_id, name=name)

@@ -173,15 +173,17 @@ def load(path: Path):
 
 
 def load_model(source: str, *, tracking_uri: str | None):
-    """(network, its name) from a checkpoint folder or an MLflow model URI (`models:/…`)."""
+    """(network, its name) from a checkpoint folder or an MLflow model URI (`models:/…`,
+    `runs:/…`); either is read as data, and a registered model's weights must match the SHA-256
+    the registry recorded (`tracking/model_logging.py`)."""
     if source.startswith(("models:/", "runs:/")):
         # Lazy: model_logging imports mlflow, which a checkpoint folder does not need.
-        from dynroute.platform.tracking.model_logging import load_pytorch_model
+        from dynroute.platform.tracking.model_logging import load_network
 
         if tracking_uri is None:
             raise ValueError(f"{source} is an MLflow model: set tracking.uri to its server")
-        network = load_pytorch_model(source, tracking_uri=tracking_uri)
-        network.training_run_id = None
-        return network.eval(), source
+        network, record = load_network(source, tracking_uri=tracking_uri)
+        network.training_run_id = record.run_id
+        return network, source
     network, spec = load(Path(source))
     return network, spec.name

@@ -214,7 +214,7 @@ def train_loop(config: dict) -> None:
         if history["resumes"] and history["resumes"][-1] >= recipe.iterations:
             tracker.end_run()  # trained to the end before: the model is logged already
         elif step >= recipe.iterations:
-            runs.finish_training_run(tracker, network, crop=recipe.crop)
+            runs.finish_training_run(tracker, network, net_config)
         else:  # paused (stop_at): the run goes on when training resumes
             tracker.flush()
 

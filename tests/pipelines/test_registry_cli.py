@@ -54,15 +54,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     root = tmp_path_factory.mktemp("project")
     with MlflowServer(root=root / "mlruns") as server:
         tracker = Tracker(uri=server.uri, experiment="cli")
-        example = np.zeros((1, 3, 32, 32), dtype=np.float32)
-        logits = np.zeros((1, 19, 32, 32), dtype=np.float32)
+        config = NetworkConfig(layers=4, base_channels=4, num_classes=19)
         run_ids = {}
         for i, trial in enumerate(FIGURES):
             torch.manual_seed(i)
-            network = build_network(NetworkConfig(layers=4, base_channels=4, num_classes=19))
             with tracker.run(run_name=f"trial-{trial}") as run_id:
-                tracker.log_model(network.eval(), name="model", input_example=example,
-                                  output_example=logits, pip_requirements=["torch"])
+                tracker.log_network(build_network(config).eval(), config)
             run_ids[trial] = run_id
         params = root / "params.yaml"
         params.write_text(yaml.safe_dump({

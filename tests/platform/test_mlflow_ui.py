@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -237,8 +236,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
 @pytest.fixture(scope="module")
 def study(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Study:
     tracker = Tracker(uri=server.uri, experiment=EXPERIMENT)
-    example = np.zeros((1, 3, 32, 32), dtype=np.float32)  # (B, 3, H, W)
-    logits = np.zeros((1, 19, 32, 32), dtype=np.float32)  # (B, K, H, W)
     run_ids = {}
     with tracker.run(run_name=STUDY_RUN) as parent:
         tracker.log_params({"study": EXPERIMENT, "trials": len(TRIALS)})
@@ -248,9 +245,8 @@ def study(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Stu
                 tracker.log_params({"lambda2": lambda2, "mu": mu})
                 tracker.log_metrics({metrics.MIOU: miou, metrics.GFLOPS_MEAN: gflops}, step=0)
                 torch.manual_seed(number)
-                network = build_network(NetworkConfig(layers=4, base_channels=4)).eval()
-                tracker.log_model(network, name="model", input_example=example,
-                                  output_example=logits, pip_requirements=["torch"])
+                config = NetworkConfig(layers=4, base_channels=4)
+                tracker.log_network(build_network(config).eval(), config)
             run_ids[trial] = run
     assert parent is not None and all(run_ids.values())
 

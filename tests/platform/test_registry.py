@@ -28,12 +28,16 @@ from dynroute.platform.pareto.analysis import Point, summarize, write_front
 from dynroute.platform.registry.front import RegistryError
 from dynroute.platform.registry.register import register_front
 from dynroute.platform.registry.selection import select_version
+from dynroute.platform.tracking.model_logging import load_network
 from dynroute.platform.tracking.server import MlflowServer
 from dynroute.platform.tracking.tracker import Tracker
 
 TRIALS = 5
 server_test = pytest.mark.slow  # they share one MLflow server (~15 s to start)
 RESOLUTION = [256, 512]
+
+
+TINY = NetworkConfig(layers=4, base_channels=4, num_classes=19)
 
 
 def tiny_network(seed: int = 0, classes: int = 19):
@@ -51,13 +55,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
 def run_ids(server: MlflowServer) -> dict[str, str]:
     """Trial id → the MLflow run that logged its model (as `model`, like training does)."""
     tracker = Tracker(uri=server.uri, experiment="registry-test")
-    example = np.zeros((1, 3, 32, 32), dtype=np.float32)
-    logits = np.zeros((1, 19, 32, 32), dtype=np.float32)
     ids = {}
     for i in range(TRIALS):
         with tracker.run(run_name=f"trial-{i}") as run_id:
-            tracker.log_model(tiny_network(i), name="model", input_example=example,
-                              output_example=logits, pip_requirements=["torch"])
+            tracker.log_network(tiny_network(i), TINY)
         ids[f"t{i}"] = run_id
     return ids
 
@@ -145,11 +146,11 @@ def test_register_front_tags_versions_and_sets_aliases(server, run_ids, client, 
     assert [row["trial"] for row in summary_json["versions"]] == ["t0", "t1", "t2"]
     assert set(summary_json["versions"][2]["aliases"]) == {"best-miou"} | (
         {"knee"} if summary.knee.id == "t2" else set())
-    # The alias serves the real logged model.
-    import mlflow.pytorch
-
-    loaded = mlflow.pytorch.load_model(f"models:/{state.name}@min-gflops", map_location="cpu")
+    # The alias serves the real logged model, its weights checked against the version's tag.
+    loaded, record = load_network(f"models:/{state.name}@min-gflops", tracking_uri=server.uri)
     assert loaded.num_classes == 19 and loaded.layers == 4
+    assert record.sha256 == client.get_model_version_by_alias(
+        state.name, "min-gflops").tags["weights_sha256"]
 
 
 @server_test

@@ -16,15 +16,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow.pytorch
-import numpy as np
+import mlflow
 import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from dynroute.models import NetworkConfig, build_network
 from dynroute.platform.tracking.client import ArtifactStoreError
+from dynroute.platform.tracking.model_logging import load_network
 from dynroute.platform.tracking.server import MlflowServer, MlflowServerError
 from dynroute.platform.tracking.tracker import Tracker
 
@@ -117,14 +118,14 @@ def test_a_trained_model_lands_in_the_bucket(s3_mlflow, s3_server, tracked, tmp_
     model = client.get_logged_model(tracked.model_id)
     prefix = _key_prefix(s3_mlflow, model.artifact_location)
     keys = s3_server.keys(BUCKET, prefix)
-    assert {f"{prefix}MLmodel", f"{prefix}data/model.pth"} <= set(keys), keys
+    assert {f"{prefix}network.json", f"{prefix}weights.pt"} <= set(keys), keys
     assert not (s3_mlflow.root / "artifacts").exists(), "nothing may go to the local default"
 
     # The weights in the bucket are the trained ones: those of the last checkpoint.
-    trained = torch.load(tracked.checkpoint, map_location="cpu", weights_only=False)["model"]
-    body = s3_server.client().get_object(Bucket=BUCKET, Key=f"{prefix}data/model.pth")["Body"]
-    stored = torch.load(io.BytesIO(body.read()), map_location="cpu", weights_only=False)
-    assert weights_equal(stored.state_dict(), trained)
+    trained = torch.load(tracked.checkpoint, map_location="cpu", weights_only=True)["model"]
+    body = s3_server.client().get_object(Bucket=BUCKET, Key=f"{prefix}weights.pt")["Body"]
+    stored = torch.load(io.BytesIO(body.read()), map_location="cpu", weights_only=True)
+    assert weights_equal(stored, trained)
 
     # A run artifact logged through the server also lands under the run's prefix, byte-exact.
     run = client.get_run(tracked.run_id)
@@ -148,11 +149,11 @@ def test_the_registered_version_resolves_to_the_bucket(s3_mlflow, s3_server, tra
     assert registered.run_id == tracked.run_id
     prefix = _key_prefix(s3_mlflow,
                          client.get_model_version_download_uri("dynroute-s3", version))
-    assert f"{prefix}data/model.pth" in s3_server.keys(BUCKET, prefix)
+    assert f"{prefix}weights.pt" in s3_server.keys(BUCKET, prefix)
 
     # Loading the registered version reads the bucket through the server: the trained weights.
-    loaded = mlflow.pytorch.load_model(f"models:/dynroute-s3/{version}", map_location="cpu")
-    trained = torch.load(tracked.checkpoint, map_location="cpu", weights_only=False)["model"]
+    loaded, _ = load_network(f"models:/dynroute-s3/{version}", tracking_uri=s3_mlflow.uri)
+    trained = torch.load(tracked.checkpoint, map_location="cpu", weights_only=True)["model"]
     assert weights_equal(loaded.state_dict(), trained)
 
 
@@ -209,8 +210,8 @@ def test_an_s3_outage_after_start_fails_an_upload_in_bounded_time(own_s3_server,
             assert isinstance(caught.value, MlflowException)  # callers that catch MLflow's
             assert "too many 500 error responses" in str(caught.value.__cause__)
             with pytest.raises(ArtifactStoreError, match="could not store model 'model'"):
-                tracker.log_model(torch.nn.Conv2d(3, 2, 1), name="model",
-                                  input_example=np.zeros((1, 3, 4, 4), np.float32))
+                config = NetworkConfig(layers=4, base_channels=4, num_classes=2)
+                tracker.log_network(build_network(config), config)
         print(f"upload to a dead S3 endpoint failed after {took:.1f} s")
         # botocore's standard mode (3.1 s connect timeout, 3 tries) bounds it; legacy: minutes.
         assert took < 30, f"took {took:.1f} s"

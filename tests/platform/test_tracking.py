@@ -6,6 +6,7 @@ What the facade wrote is read back with MLflow's own client, never through the f
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -17,16 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.utils import validation
 
+from dynroute.models import NetworkConfig, build_network
 from dynroute.platform.metrics import LEARNING_RATE, LOSS_SEGMENTATION, MIOU
 from dynroute.platform.tracking.client import MAX_PARAM_VALUE_CHARS
 from dynroute.platform.tracking.metric_sender import MetricsNotDelivered
+from dynroute.platform.tracking.model_logging import file_sha256, load_network
 from dynroute.platform.tracking.server import MlflowServer, MlflowServerError
 from dynroute.platform.tracking.tracker import Tracker
 
@@ -251,8 +253,8 @@ def test_disabled_tracker_does_nothing(server: MlflowServer, client: MlflowClien
             tracker.log_artifact(tmp_path / "missing.txt")
             tracker.log_dict({"a": 1}, "a.json")
             tracker.set_tags({"a": "b"})
-            assert tracker.log_model(torch.nn.Linear(2, 2), name="m",
-                                     input_example=np.zeros((1, 2), np.float32)) is None
+            config = NetworkConfig(layers=4, base_channels=2, num_classes=2)
+            assert tracker.log_network(build_network(config), config, name="m") is None
             tracker.flush()
         tracker.end_run()
     assert client.get_experiment_by_name("never-created") is None
@@ -389,24 +391,38 @@ def test_many_and_long_params(tracker: Tracker, client: MlflowClient) -> None:
 
 
 @server_test
-def test_log_model_with_its_signature_and_load_it_back(tracker: Tracker) -> None:
+def test_a_network_is_logged_as_data_and_loads_back_equal(tracker: Tracker, tmp_path) -> None:
+    config = NetworkConfig(layers=4, base_channels=4, num_classes=3)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
-    example = np.random.default_rng(0).random((2, 4), dtype=np.float32)
-    expected = model(torch.from_numpy(example)).detach().numpy()
-    with tracker.run(run_name="model"):
+    network = build_network(config).eval()
+    image = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = network(image).logits
+    with tracker.run(run_name="model") as run_id:
         started = time.monotonic()
-        model_uri = tracker.log_model(model, name="tiny", input_example=example)
-        print(f"log_model took {time.monotonic() - started:.2f} s")
+        model_uri = tracker.log_network(network, config, name="tiny")
+        print(f"log_network took {time.monotonic() - started:.2f} s")
     assert model_uri is not None and model_uri.startswith("models:/")
-    assert model.training  # the output example was computed in eval mode, then restored
 
-    signature = mlflow.models.get_model_info(model_uri).signature
-    assert signature is not None
-    assert signature.inputs.inputs[0].shape == (-1, 4)
-    assert signature.outputs.inputs[0].shape == (-1, 3)  # from the model's own output
-    loaded = mlflow.pytorch.load_model(model_uri)
-    np.testing.assert_allclose(loaded(torch.from_numpy(example)).detach().numpy(), expected)
+    # Two files, neither of which needs unpickling: JSON and a tensors-only state dict.
+    recorded = MlflowClient(tracker.uri).get_logged_model(model_uri.removeprefix("models:/"))
+    folder = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=recorded.artifact_location, dst_path=str(tmp_path),
+        tracking_uri=tracker.uri))
+    assert sorted(p.name for p in folder.iterdir()) == ["network.json", "weights.pt"]
+    assert json.loads((folder / "network.json").read_text())["network"]["layers"] == 4
+    torch.load(folder / "weights.pt", weights_only=True)
+    assert recorded.source_run_id == run_id
+    assert recorded.tags["weights_sha256"] == file_sha256(folder / "weights.pt")
+
+    loaded, record = load_network(model_uri, tracking_uri=tracker.uri)
+    assert record.run_id == run_id
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image).logits, expected)
+    # runs:/<run>/<name> finds the same model.
+    again, _ = load_network(f"runs:/{run_id}/tiny", tracking_uri=tracker.uri)
+    with torch.no_grad():
+        torch.testing.assert_close(again(image).logits, expected)
 
 
 # ---------------------------------------------------------------------------------------------
