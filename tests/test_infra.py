@@ -4,9 +4,18 @@ relies on (token auth, a GPU worker group, PostgreSQL + S3, constraints, a non-r
 
 from __future__ import annotations
 
+import base64
 import copy
+import os
 import re
 import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,6 +23,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
+BIN = Path(sys.executable).parent
 YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
 
 
@@ -217,6 +227,103 @@ def test_mlflow_k8s_manifests_point_at_postgres_and_an_s3_bucket():
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     assert config["data"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     assert container["image"].endswith(":v3.17.2")
+
+
+def test_the_shared_mlflow_server_asks_for_a_user_in_compose_and_kubernetes(compose):
+    service = compose["services"]["mlflow"]
+    assert "--app-name basic-auth" in _command(service)
+    assert "flask-wtf==" in _command(service)  # the auth app's CSRF check needs it
+    assert service["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == "/auth-config/basic_auth.ini"
+    assert "./basic_auth.ini:/auth-config/basic_auth.ini:ro" in service["volumes"]
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert f"{key}:?" in service["environment"][key]  # compose refuses to start without
+    docs = [d for p in sorted((INFRA / "mlflow" / "k8s").glob("*.yaml")) for d in documents(p)]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name basic-auth" in " ".join(container["args"])
+    assert {"secretRef": {"name": "mlflow-auth"}} in container["envFrom"]
+    (ini,) = [d["data"]["basic_auth.ini"] for d in docs
+              if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mlflow-auth-config"]
+    assert ini.strip() == (INFRA / "mlflow" / "basic_auth.ini").read_text().strip()
+    secrets = [d for d in documents(INFRA / "mlflow" / "k8s" / "secret.example.yaml")
+               if d["kind"] == "Secret" and d["metadata"]["name"] == "mlflow-auth"]
+    assert secrets and all("change-me" in v for v in secrets[0]["stringData"].values())
+
+
+@pytest.mark.slow
+def test_the_auth_config_refuses_anonymous_clients_and_serves_users(tmp_path):
+    """The committed basic_auth.ini in a real `mlflow server --app-name basic-auth` on 127.0.0.1,
+    started as the compose service starts it (the auth database moved to a temporary folder):
+    a client without a user is refused, one with MLFLOW_TRACKING_USERNAME/PASSWORD tracks a run,
+    and a wrong password is refused without being printed."""
+    ini = (INFRA / "mlflow" / "basic_auth.ini").read_text()
+    assert "sqlite:////auth/basic_auth.db" in ini
+    (tmp_path / "basic_auth.ini").write_text(
+        ini.replace("sqlite:////auth/", f"sqlite:///{tmp_path}/"))
+    password = "admin-pass-" + "x" * 8
+    port = _free_port()
+    env = os.environ | {"MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+                        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+                        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key"}
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+             "--artifacts-destination", str(tmp_path / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _status(f"{uri}/health"):
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the auth server did not start"
+            time.sleep(0.5)
+        assert _status(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1") == 401
+
+        track = ("from dynroute.platform.tracking.tracker import Tracker\n"
+                 f"t = Tracker(uri={uri!r}, experiment='auth')\n"
+                 "with t.run(run_name='r') as run_id:\n"
+                 "    t.log_metrics({'miou': 0.5}, step=0)\n"
+                 "print(run_id)\n")
+        user = {"MLFLOW_TRACKING_USERNAME": "admin"}
+        ok = subprocess.run([sys.executable, "-c", track], capture_output=True, text=True,
+                            timeout=120, env=os.environ | user |
+                            {"MLFLOW_TRACKING_PASSWORD": password})
+        assert ok.returncode == 0, ok.stderr[-3000:]
+        run_id = ok.stdout.split()[-1]
+        got = _status(f"{uri}/api/2.0/mlflow/runs/get?run_id={run_id}",
+                      user=("admin", password))
+        assert got == 200
+
+        wrong = subprocess.run([sys.executable, "-c", track], capture_output=True, text=True,
+                               timeout=120, env=os.environ | user |
+                               {"MLFLOW_TRACKING_PASSWORD": "not-the-password-42"})
+        assert wrong.returncode != 0 and "401" in wrong.stderr
+        assert "not-the-password-42" not in wrong.stdout + wrong.stderr
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # our own server's process group
+        server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _status(url: str, *, user: tuple[str, str] | None = None) -> int | None:
+    request = urllib.request.Request(url)
+    if user is not None:
+        token = base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None
 
 
 # -- the image --------------------------------------------------------------------------------
