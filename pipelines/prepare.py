@@ -9,6 +9,9 @@ statistics described in `dynroute.platform.data.shards`. Splits are `train` and 
   real data), `val` is VOC val. A VOC image's label is its `SegmentationClass` PNG (with the 255
   boundary band); an image only in SBD takes `dataset/cls/{id}.mat` (`GTcls.Segmentation`).
 
+A sample is prepared once and in one split: a Cityscapes frame (its file stem) found twice, or
+an id repeated in a VOC or SBD list or in both VOC's train and val lists, is refused by name.
+
 Images are stored as the raw dataset's encoded bytes, after a full decode check. Work streams
 through a process pool in a fixed order (deterministic output), the output appears atomically
 (written to a temporary sibling, then renamed), and bad input raises `DataError` naming the file.
@@ -78,14 +81,62 @@ def cityscapes_samples(raw: Path) -> dict[str, list[Sample]]:
         if not samples:
             raise DataError(f"split {split!r} is empty: no *_leftImg8bit.png under "
                             f"{images_root / split}/<city>/")
+        _refuse_repeated_frames(split, samples, images_root / split)
         splits[split] = samples
+    _refuse_shared_frames(splits, images_root)
     return splits
 
 
-def _read_ids(path: Path) -> list[str]:
+# A Cityscapes frame is named by its file stem, <city>_<sequence>_<frame>, unique in the whole
+# dataset (the cities of train and val are disjoint). The same stem twice is one frame copied:
+# into a second city folder of a split, or into both splits.
+def _refuse_repeated_frames(split: str, samples: list[Sample], root: Path) -> None:
+    folders: dict[str, list[str]] = {}
+    for s in samples:
+        folders.setdefault(s.id, []).append(s.image.parent.name)
+    repeated = {stem: cities for stem, cities in folders.items() if len(cities) > 1}
+    if repeated:
+        where = _some(f"{stem} (in {', '.join(cities)})" for stem, cities in repeated.items())
+        raise DataError(
+            f"cityscapes: split {split!r} has {len(repeated)} frame(s) more than once under "
+            f"{root}/<city>/: {where}. A frame is its file stem <city>_<sequence>_<frame> and is "
+            f"prepared once; remove the copies, keeping each frame in its own city's folder")
+
+
+def _refuse_shared_frames(splits: dict[str, list[Sample]], root: Path) -> None:
+    train = {s.id: s for s in splits["train"]}
+    shared = [(train[s.id], s) for s in splits["val"] if s.id in train]
+    if shared:
+        where = _some(f"{t.id} ({t.image.parent.relative_to(root)} and "
+                      f"{v.image.parent.relative_to(root)})" for t, v in shared)
+        raise DataError(
+            f"cityscapes: {len(shared)} frame(s) are in both train and val under {root}: {where}. "
+            f"A validation frame must not be trained on; remove each from one split (the "
+            f"official splits share no city)")
+
+
+def _some(items, count: int = 5) -> str:
+    """The first `count` of `items`, joined, with how many more there are."""
+    items = list(items)
+    more = f", and {len(items) - count} more" if len(items) > count else ""
+    return ", ".join(items[:count]) + more
+
+
+def _read_ids(path: Path, split: str) -> list[str]:
+    """The ids of a VOC or SBD list file, each of which must name an image once."""
     if not path.is_file():
         raise DataError(f"missing split list {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    seen: dict[str, int] = {}
+    for image_id in ids:
+        seen[image_id] = seen.get(image_id, 0) + 1
+    repeated = [f"{image_id} ({n} times)" for image_id, n in seen.items() if n > 1]
+    if repeated:
+        raise DataError(
+            f"voc: {path} (read for the {split} split) names {len(repeated)} id(s) more than "
+            f"once: {_some(repeated)}. Each line of a list is one image; remove the repeated lines "
+            f"(or restore the list from the dataset archive)")
+    return ids
 
 
 def voc_samples(raw: Path) -> dict[str, list[Sample]]:
@@ -96,9 +147,19 @@ def voc_samples(raw: Path) -> dict[str, list[Sample]]:
         _require_dir(voc / sub, "part of the VOC 2012 layout")
     _require_dir(sbd / "cls", "SBD's class labels (*.mat)")
     lists = voc / "ImageSets" / "Segmentation"
-    voc_train, voc_val = _read_ids(lists / "train.txt"), _read_ids(lists / "val.txt")
-    sbd_ids = set(_read_ids(sbd / "train.txt")) | set(_read_ids(sbd / "val.txt"))
+    voc_train = _read_ids(lists / "train.txt", "train")
+    voc_val = _read_ids(lists / "val.txt", "val")
+    # SBD's own train and val lists both feed the "aug" train set.
+    sbd_ids = set(_read_ids(sbd / "train.txt", "train")) | set(_read_ids(sbd / "val.txt", "train"))
     val_set, voc_train_set = set(voc_val), set(voc_train)
+    # SBD holds VOC val images, which the aug set leaves out by design; VOC's own train and val
+    # lists are disjoint, and an id in both is a damaged list, not something to drop silently.
+    shared = [i for i in voc_train if i in val_set]
+    if shared:
+        raise DataError(
+            f"voc: {len(shared)} id(s) are in both the train list {lists / 'train.txt'} and the "
+            f"val list {lists / 'val.txt'}: {_some(shared)}. A validation image must not be "
+            f"trained on; remove each from one list (or restore both from the VOC 2012 archive)")
     aug = sorted((sbd_ids | voc_train_set) - val_set)
 
     def sample(image_id: str) -> Sample:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -34,9 +35,11 @@ def _rgb(seed: int, h: int = H, w: int = W) -> np.ndarray:
 
 def make_cityscapes(root: Path, train: int = 3, val: int = 2) -> Path:
     rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("val", val)):
+    # Real city names: the cities (so the frames) of train and val are disjoint.
+    for split, n, cities in (("train", train, ("bochum", "aachen")),
+                             ("val", val, ("frankfurt", "lindau"))):
         for i in range(n):
-            city = "aachen" if i % 2 else "bochum"
+            city = cities[i % 2]
             stem = f"{city}_{i:06d}_000019"
             _png(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", _rgb(i))
             label = rng.choice(CITY_IDS, size=(H, W)).astype(np.uint8)
@@ -231,3 +234,99 @@ def test_cli_reports_errors_with_a_nonzero_exit(tmp_path):
     res = subprocess.run([dynroute, "data", "prepare", "--dataset", "kitti", "--raw", raw,
                           "--out", tmp_path / "out"], capture_output=True, text=True)
     assert res.returncode == 1 and "cityscapes, voc" in res.stderr
+
+
+# -- a sample prepared twice, or in both splits: refused by name, the old output untouched ----
+def _prepare_cli(dataset: str, raw: Path, out: Path) -> subprocess.CompletedProcess:
+    dynroute = Path(sys.executable).parent / "dynroute"
+    return subprocess.run([dynroute, "data", "prepare", "--dataset", dataset, "--raw", raw,
+                           "--out", out, "--workers", "1"], capture_output=True, text=True,
+                          env=os.environ | {"COLUMNS": "400"})
+
+
+def _copy_frame(raw: Path, stem: str, src: tuple[str, str], dst: tuple[str, str]) -> None:
+    """Copy a Cityscapes frame (image and label) from (split, city) to (split, city)."""
+    for folder, suffix in (("leftImg8bit", "leftImg8bit"), ("gtFine", "gtFine_labelIds")):
+        target = raw / folder / dst[0] / dst[1] / f"{stem}_{suffix}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(raw / folder / src[0] / src[1] / f"{stem}_{suffix}.png", target)
+
+
+def _frame_in_two_cities(raw: Path) -> list[str]:
+    _copy_frame(raw, "aachen_000001_000019", ("train", "aachen"), ("train", "bochum"))
+    return ["split 'train'", "aachen_000001_000019 (in aachen, bochum)",
+            str(raw / "leftImg8bit" / "train"), "remove the copies"]
+
+
+def _frame_in_both_splits(raw: Path) -> list[str]:
+    _copy_frame(raw, "bochum_000000_000019", ("train", "bochum"), ("val", "bochum"))
+    _copy_frame(raw, "aachen_000001_000019", ("train", "aachen"), ("val", "aachen"))
+    return ["2 frame(s) are in both train and val", str(raw / "leftImg8bit"),
+            "aachen_000001_000019 (train/aachen and val/aachen)",
+            "bochum_000000_000019 (train/bochum and val/bochum)", "remove each from one split"]
+
+
+@pytest.mark.parametrize("breaker", [_frame_in_two_cities, _frame_in_both_splits])
+def test_a_cityscapes_frame_twice_is_refused_and_the_output_untouched(tmp_path, breaker):
+    raw = make_cityscapes(tmp_path / "raw")
+    out = tmp_path / "prepared"
+    assert _prepare_cli("cityscapes", raw, out).returncode == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    needles = breaker(raw)
+    res = _prepare_cli("cityscapes", raw, out)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.stderr.startswith("error: cityscapes: ") and "Traceback" not in res.stderr
+    for needle in needles:
+        assert needle in res.stderr, (needle, res.stderr)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]
+
+
+def _lists(raw: Path) -> Path:
+    return raw / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+
+
+def _voc_val_list_repeats_ids(raw: Path) -> list[str]:
+    val = _lists(raw) / "val.txt"
+    val.write_text(val.read_text() * 2)  # a list concatenated twice
+    return [f"voc: {val} (read for the val split) names 2 id(s) more than once",
+            "2008_000003 (2 times), 2008_000004 (2 times)", "remove the repeated lines"]
+
+
+def _sbd_list_repeats_an_id(raw: Path) -> list[str]:
+    sbd_val = raw / "benchmark_RELEASE" / "dataset" / "val.txt"
+    sbd_val.write_text("2010_000020\n2009_000010\n2010_000020\n")
+    return [f"voc: {sbd_val} (read for the train split)", "2010_000020 (2 times)"]
+
+
+def _voc_val_id_in_train_list(raw: Path) -> list[str]:
+    train = _lists(raw) / "train.txt"
+    train.write_text(train.read_text() + "2008_000004\n")
+    return [f"voc: 1 id(s) are in both the train list {train} and the val list "
+            f"{_lists(raw) / 'val.txt'}: 2008_000004", "remove each from one list"]
+
+
+@pytest.mark.parametrize("breaker", [_voc_val_list_repeats_ids, _sbd_list_repeats_an_id,
+                                     _voc_val_id_in_train_list])
+def test_a_voc_id_twice_is_refused_and_the_output_untouched(tmp_path, breaker):
+    raw = make_voc(tmp_path / "raw")
+    out = tmp_path / "prepared"
+    assert _prepare_cli("voc", raw, out).returncode == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    needles = breaker(raw)
+    res = _prepare_cli("voc", raw, out)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.stderr.startswith("error: voc: ") and "Traceback" not in res.stderr
+    for needle in needles:
+        assert needle in res.stderr, (needle, res.stderr)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]
+
+
+def test_sbd_holding_voc_val_images_is_not_a_duplicate(tmp_path):
+    """SBD's lists hold VOC val images on the real data; the aug set leaves them out of train
+    by design, so the refusal above must not catch them."""
+    raw = make_voc(tmp_path / "raw")
+    (raw / "benchmark_RELEASE" / "dataset" / "val.txt").write_text("2010_000020\n2008_000004\n")
+    manifest = prepare("voc", raw, tmp_path / "out", workers=1)
+    assert manifest.count("train") == 4 and manifest.count("val") == 2
