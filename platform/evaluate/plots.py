@@ -63,8 +63,11 @@ def _save(fig: Figure, out: FilePath) -> FilePath:
     out = FilePath(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed save leaves no part behind
     return out
 
 

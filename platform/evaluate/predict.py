@@ -2,14 +2,16 @@
 
 Per image: a colour mask (Cityscapes train-id colours, or a VOC palette PNG), a drawing of the
 route that image took on the routing lattice, and in `predictions.json` its size, real GFLOPs at
-that size and its open and skipped paths. Every image is checked before any inference, so a bad
-file fails the command before anything is written.
+that size and its open and skipped paths. Every image is decoded in full before any inference,
+so a missing, truncated or corrupt file fails the command before anything is written, and each
+output file appears whole (a temporary name beside it, then a rename) or not at all.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from dynroute.platform.device import fast_path
 from dynroute.platform.evaluate.evaluation import infer
 from dynroute.platform.evaluate.plots import plot_route, plot_taken_route, taken_route
 from dynroute.platform.evaluate.prediction_files import cityscapes_colours, voc_palette
-from dynroute.platform.files import write_json_atomic
+from dynroute.platform.files import replaced_whole, write_json_atomic
 
 
 class PredictError(ValueError):
@@ -57,15 +59,21 @@ def _open_image(path: Path) -> Image.Image:
         raise PredictError(f"cannot read image {path}: {err}") from None
 
 
+def _decode(path: Path) -> np.ndarray:
+    """An image file decoded in full → (H, W, 3) uint8 RGB; a truncated or corrupt file fails
+    here with an error naming it."""
+    with _open_image(path) as image:
+        try:
+            return np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise PredictError(f"image {path} cannot be decoded ({err}): it is truncated or "
+                               f"corrupt; copy it again or leave it out") from None
+
+
 def load_image(path: Path) -> torch.Tensor:
     """An image file → the network's input (1, 3, H, W) float32: BGR, 0–255, mean subtracted,
     as the dataset prepares evaluation images (augment.eval_sample)."""
-    with _open_image(path) as image:
-        try:
-            rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
-        except (OSError, SyntaxError, ValueError, EOFError) as err:
-            raise PredictError(f"image {path} cannot be decoded ({err}); is it truncated?"
-                                ) from None
+    rgb = _decode(path)  # (H, W, 3) uint8
     bgr = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1])).permute(2, 0, 1)  # (3, H, W)
     return normalize_bgr(bgr.float()).unsqueeze(0)  # (1, 3, H, W)
 
@@ -113,10 +121,23 @@ def _unique_stems(images: Sequence[Path]) -> list[str]:
     return stems
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+def _cannot_write(path: Path, err: OSError) -> PredictError:
+    return PredictError(f"cannot write {path}: {err.strerror or err}; free space in "
+                        f"{path.parent} or choose another --out (the files already written "
+                        f"there are whole)")
+
+
+@contextmanager
+def _written_whole(path: Path) -> Iterator[Path]:
+    """`files.replaced_whole`, with the system refusing the write (a full disk, a read-only
+    folder: an OSError with an errno) told as an error naming the file and what to do."""
+    try:
+        with replaced_whole(path) as tmp:
+            yield tmp
+    except OSError as err:
+        if err.errno is None:  # not the storage: an encoder's own error
+            raise
+        raise _cannot_write(path, err) from None
 
 
 def predict(network, images: Sequence[str | os.PathLike], out: str | os.PathLike, *,
@@ -152,10 +173,13 @@ def predict(network, images: Sequence[str | os.PathLike], out: str | os.PathLike
     paths = [Path(p) for p in images]
     if not paths:
         raise PredictError("no images given; pass one or more PNG or JPEG files")
-    for path in paths:  # fail before any work on a missing or unreadable file
-        _open_image(path).close()
+    for path in paths:  # decoded in full: a truncated file fails before anything is written
+        _decode(path)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _cannot_write(out, err) from None
     device = next(network.parameters()).device
     rows = []
     was_training = network.training
@@ -173,13 +197,15 @@ def predict(network, images: Sequence[str | os.PathLike], out: str | os.PathLike
             gflops = float(network.cost_model(height, width).real(gates)[0]) / 1e9
             taken = taken_route(network.route, gates, threshold=network.closed_threshold)
             mask_name, route_name = f"{stem}_mask.png", f"{stem}_route.png"
-            _save_png(_colour_mask(pred, dataset), out / mask_name)
+            with _written_whole(out / mask_name) as tmp:
+                _colour_mask(pred, dataset).save(tmp, format="PNG")
             route = taken.as_route(name=stem)
             title = f"{path.name}: {gflops:.4g} GFLOPs at {height}x{width}"
-            if route is not None:
-                plot_route(route, out / route_name, title=title)
-            else:
-                plot_taken_route(taken, out / route_name, title=title)
+            with _written_whole(out / route_name) as tmp:
+                if route is not None:
+                    plot_route(route, tmp, title=title)
+                else:
+                    plot_taken_route(taken, tmp, title=title)
             rows.append(ImagePrediction(
                 image=str(path), height=int(height), width=int(width), gflops=gflops,
                 mask=mask_name, route=route_name, valid_route=route is not None,
@@ -189,5 +215,8 @@ def predict(network, images: Sequence[str | os.PathLike], out: str | os.PathLike
     finally:
         network.train(was_training)
     prediction = Prediction(model=model, dataset=dataset, images=tuple(rows))
-    write_json_atomic(out / PREDICTIONS_FILE, prediction.to_dict())
+    try:
+        write_json_atomic(out / PREDICTIONS_FILE, prediction.to_dict())
+    except OSError as err:
+        raise _cannot_write(out / PREDICTIONS_FILE, err) from None
     return prediction

@@ -4,6 +4,9 @@
 colour image of varying size with R = 10·i, G = 100, B = 200 and a constant label i mod 5, so a
 test can tell from any tensor which sample it got and where padding went.
 
+`small_disk` is a folder that a command can fill up (a real tmpfs where this process may mount
+one, else a per-process file size limit).
+
 `s3_server` starts `moto_server` (a real S3-protocol server) on 127.0.0.1 once per module, `s3`
 also points this process's AWS environment at it, and `own_s3_server` starts one for a single test
 that may stop it (`server.stop()`); every request stays on loopback. `S3Server.env()` is the
@@ -13,7 +16,11 @@ environment a subprocess (an MLflow server, a Ray driver, DVC) needs to reach it
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import os
+import resource
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,3 +114,57 @@ def prepared(tmp_path_factory) -> Path:
     synthesize("cityscapes", root / "raw", train=16, val=4, height=64, width=128, seed=3)
     prepare("cityscapes", root / "raw", root / "prepared", workers=1)
     return root / "prepared"
+
+
+PAGE = 4096
+ROOMY = 64 << 20  # a small disk's size while a command runs with room to spare
+
+
+def _mount(*args: str) -> bool:
+    try:
+        return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+    except FileNotFoundError:  # no mount(8) here
+        return False
+
+
+def _limit_file_size(size: int) -> None:
+    """In the child before exec: files cannot grow past `size` bytes (EFBIG, not SIGXFSZ)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+@dataclass(frozen=True)
+class SmallDisk:
+    """A folder that fills up. Where this process may mount one (root in a sandbox) it is a
+    tmpfs of its own: a real full filesystem, ENOSPC. Elsewhere it is an ordinary folder, and a
+    command run with `room` gets RLIMIT_FSIZE: no file it writes may pass `room` bytes (EFBIG).
+    `mounted` says which."""
+
+    folder: Path
+    mounted: bool
+
+    def run(self, args: list, *, room: int | None = None, **kwargs) -> subprocess.CompletedProcess:
+        """Run `args` with `room` more bytes left on the disk (None: plenty)."""
+        preexec = None
+        if self.mounted:
+            disk = os.statvfs(self.folder)
+            used = (disk.f_blocks - disk.f_bfree) * disk.f_frsize
+            size = ROOMY if room is None else used + -(-room // PAGE) * PAGE
+            assert _mount("-o", f"remount,size={size}", str(self.folder)), self.folder
+        elif room is not None:
+            def preexec() -> None:
+                _limit_file_size(room)
+        return subprocess.run([str(a) for a in args], preexec_fn=preexec, **kwargs)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A `SmallDisk` of this test's own, unmounted after it."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = _mount("-t", "tmpfs", "-o", f"size={ROOMY},mode=0755", "tmpfs", str(folder))
+    try:
+        yield SmallDisk(folder, mounted)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)
