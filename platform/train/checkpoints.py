@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from dynroute.models import build_network
+from dynroute.platform.files import replaced_whole
 from dynroute.platform.train import ray_train
 from dynroute.platform.train.ray_train import CHECKPOINT_PREFIX, read_state
 from dynroute.platform.train.spec import TrainSpec
@@ -59,13 +60,28 @@ class RunBusy(RuntimeError):
 def write(folder: Path, *, state: dict, spec: TrainSpec, data_hash: str | None = None) -> None:
     """Fill a checkpoint folder: `state` (see the module's docstring) and the spec, whose URLs
     keep no password (a checkpoint is copied and uploaded, `dvc push` included), with the
-    content hash of the data it trained on."""
-    torch.save(state, folder / STATE_FILE)
+    content hash of the data it trained on.
+
+    Each file is written under a temporary name, flushed to disk and renamed into place, so a
+    full disk leaves no partial file behind.
+
+    Raises:
+        ray_train.CheckpointWriteError: the storage refuses the files (full, over quota,
+            read-only, not writable); the message names the folder and what to do.
+    """
     saved = spec.to_dict() | {"data_hash": data_hash}
     saved["data"], saved["storage"] = mask_url(spec.data), mask_url(spec.storage)
     if spec.tracking.uri is not None:
         saved["tracking"]["uri"] = mask_url(spec.tracking.uri)
-    (folder / SPEC_FILE).write_text(json.dumps(saved, indent=2))
+    # The folder's parent is the place a user knows: the run's folder, or the scratch space a
+    # Ray worker fills before Ray uploads the checkpoint.
+    with ray_train.writing_checkpoint(folder.parent):
+        with replaced_whole(folder / STATE_FILE) as tmp, open(tmp, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        with replaced_whole(folder / SPEC_FILE) as tmp:
+            tmp.write_text(json.dumps(saved, indent=2))
 
 
 def _spec_from(text: str) -> tuple[TrainSpec, str | None]:

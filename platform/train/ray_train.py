@@ -20,6 +20,7 @@ existing cluster, whose addresses are its own.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -39,6 +40,18 @@ from dynroute.platform.train import loopback
 
 CHECKPOINT_PREFIX = "checkpoint_"
 _LOCAL_RUN_DIR = "DYNROUTE_LOCAL_RUN_DIR"  # where local mode keeps its checkpoints
+
+_ELSEWHERE = "or point run.storage (--storage) at another disk"
+# A storage that refuses a checkpoint (errno → what to do); anything else is not the storage's.
+_STORAGE_REMEDIES = {
+    errno.ENOSPC: f"the disk is full: free space there (older runs' folders, say) {_ELSEWHERE}",
+    errno.EDQUOT: f"your disk quota is used up: free space in it {_ELSEWHERE}",
+    errno.EFBIG: f"a file would pass this process's file size limit: raise it (ulimit -f) "
+                 f"{_ELSEWHERE}",
+    errno.EROFS: f"the filesystem is read-only: remount it writable {_ELSEWHERE}",
+    errno.EACCES: f"this user may not write there: fix its permissions {_ELSEWHERE}",
+    errno.EPERM: f"this user may not write there: fix its permissions {_ELSEWHERE}",
+}
 
 
 @dataclass(frozen=True)
@@ -222,6 +235,41 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint file that holds more than data: loading it would run code."""
 
 
+class CheckpointWriteError(ValueError):
+    """The storage refuses a checkpoint: full, over quota, read-only or not writable."""
+
+
+def _storage_error(err: BaseException | None) -> OSError | None:
+    """The OSError of a storage that refuses a write behind `err` (torch.save wraps it in a
+    RuntimeError whose message is only a position in its zip writer), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _STORAGE_REMEDIES:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextmanager
+def writing_checkpoint(folder: str | os.PathLike) -> Iterator[None]:
+    """Around the writing of checkpoint files in `folder`: a storage that refuses them raises
+    CheckpointWriteError naming the folder and what to do; other errors pass unchanged."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except Exception as err:
+        cause = _storage_error(err)
+        if cause is None:
+            raise
+        raise CheckpointWriteError(
+            f"cannot write a checkpoint in {folder}: {os.strerror(cause.errno)}; "
+            f"{_STORAGE_REMEDIES[cause.errno]}. No partial checkpoint is left: run `dynroute "
+            f"train` again once it can write, and it resumes from the last whole "
+            f"checkpoint") from err
+
+
 def read_state(path: Path) -> object:
     """A checkpoint file read as data only: tensors, numbers, strings, lists and dicts.
 
@@ -258,9 +306,20 @@ def place_checkpoint(folder: Path, *, run_dir: str, step: int) -> str:
         final = Path(base) / name
         tmp = final.with_name(f".{name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(folder, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        try:
+            with writing_checkpoint(base):
+                # File by file, not copytree: copytree reports a full disk without its errno.
+                for source in sorted(folder.rglob("*")):
+                    target = tmp / source.relative_to(folder)
+                    if source.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    else:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(source, target)
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # only there when the copy failed
         return str(final)
     target = join(base, name)
     pafs.copy_files(str(folder), target, source_filesystem=pafs.LocalFileSystem(),
@@ -316,10 +375,15 @@ def checkpoint_dir(step: int) -> Iterator[Path]:
         final = Path(local_dir) / f"{CHECKPOINT_PREFIX}{step:08d}"
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        yield tmp
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # complete or absent, never half-written
+        try:
+            with writing_checkpoint(local_dir):
+                tmp.mkdir(parents=True)
+            yield tmp
+            with writing_checkpoint(local_dir):
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)  # complete or absent, never half-written
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # only there when the checkpoint failed
         for old in _local_checkpoints(Path(local_dir))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
         return
