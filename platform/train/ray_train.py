@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from dynroute.platform.data.shards import filesystem_for, join
 from dynroute.platform.train import loopback
+from dynroute.platform.url_secrets import mask_url
 
 CHECKPOINT_PREFIX = "checkpoint_"
 _LOCAL_RUN_DIR = "DYNROUTE_LOCAL_RUN_DIR"  # where local mode keeps its checkpoints
@@ -206,6 +207,13 @@ def latest_state(run_dir: str, *, name: str, in_worker: bool = True) -> object |
     considered, so a restart goes back at most one checkpoint interval. On the driver
     (`in_worker=False`) only the checkpoints on storage count. A checkpoint counts as complete
     when its `name` file loads.
+
+    Raises:
+        UnsafeCheckpointError: a checkpoint that would run code (never skipped).
+        DamagedRunError: on the driver, the run has checkpoints and none of them loads; starting
+            over from step 0 would silently replace them. (In a worker the driver has checked
+            the run already, so none loading means the first checkpoint of this training was
+            cut short by a worker that died: it starts over, as it would have without one.)
     """
     import ray.train
 
@@ -214,14 +222,26 @@ def latest_state(run_dir: str, *, name: str, in_worker: bool = True) -> object |
         registered = ray.train.get_checkpoint()
         if registered is not None:
             candidates.append((_step_of(registered.path), registered))
+    failures = []
     for _, checkpoint in sorted(candidates, key=lambda c: c[0], reverse=True):
         try:
             with checkpoint.as_directory() as folder:  # may be a temporary download
                 return read_state(Path(folder) / name)
         except UnsafeCheckpointError:
             raise  # not something a dying writer leaves: refuse it rather than skip it
-        except Exception:  # incomplete (the writer died): try the one before
-            continue
+        except Exception as err:  # incomplete (the writer died): try the one before
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            reason = reason if len(reason) <= 160 else f"{reason[:157]}..."  # torch's run long
+            failures.append(f"{os.path.basename(checkpoint.path.rstrip('/'))}: {reason}")
+    if failures and not in_worker:
+        raise DamagedRunError(
+            f"the run folder {mask_url(run_dir)} has checkpoints but none of them loads "
+            f"({'; '.join(failures)}); training would start over from step 0 and replace them. "
+            f"Remove that folder to start the run afresh, or give this training another "
+            f"run.name (--name)")
+    if failures:
+        print(f"no checkpoint of {mask_url(run_dir)} loads ({'; '.join(failures)}): starting "
+              f"from step 0", flush=True)
     return None
 
 
@@ -233,6 +253,10 @@ def newest_checkpoint(run_dir: str) -> str | None:
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint file that holds more than data: loading it would run code."""
+
+
+class DamagedRunError(ValueError):
+    """A run has checkpoints and none of them loads."""
 
 
 class CheckpointWriteError(ValueError):

@@ -63,7 +63,12 @@ def train(spec: TrainSpec) -> ray_train.FitResult:
 
 
 def _fit(spec: TrainSpec, manifest) -> ray_train.FitResult:
-    spec, tracker = _open_run(spec, manifest)
+    # The state the training resumes from, read before any work: a run whose checkpoints all
+    # fail to load is refused (DamagedRunError), not started over from step 0.
+    state = ray_train.latest_state(checkpoints.run_dir(spec), name=checkpoints.STATE_FILE,
+                                   in_worker=False)
+    spec, tracker = _open_run(spec, manifest, state)
+    del state  # the workers read it again: not held on the driver through the training
     try:
         return ray_train.fit(train_loop, config=spec.to_dict(), name=spec.name,
                              storage=spec.storage, num_workers=spec.workers,
@@ -79,13 +84,11 @@ def _fit(spec: TrainSpec, manifest) -> ray_train.FitResult:
         raise
 
 
-def _open_run(spec: TrainSpec, manifest):
+def _open_run(spec: TrainSpec, manifest, state: object | None):
     """(spec with `tracking.run_id` set, its tracker), or (spec, None) without tracking; which run
-    it is: `runs.open_training_run`."""
+    it is (`runs.open_training_run`) follows `state`, the one the training resumes from."""
     if spec.tracking.uri is None:
         return spec, None
-    state = ray_train.latest_state(checkpoints.run_dir(spec), name=checkpoints.STATE_FILE,
-                                   in_worker=False)
     model = spec.to_dict()["model"]
     tags = runs.provenance_tags(
         data_hash=manifest.content_hash, dataset=manifest.dataset,
