@@ -142,11 +142,15 @@ def _check_type(value: object, hint: object, key: str) -> object:
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except OSError as err:
         raise ParamsError(f"cannot read {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    if data is None:  # an empty file (or only comments): every value would be a code default
+        raise ParamsError(f"{path} is empty: it must hold the sections to run with (see the "
+                          f"repository's params.yaml); a truncated or blanked file is not read "
+                          f"as 'all defaults'")
     try:
         return _build(Params, data, "")
     except ParamsError as err:
