@@ -1,5 +1,6 @@
 """A real `mlflow server` on 127.0.0.1 for tracking: started, health-checked, restarted and
-stopped by process group. The tracking facade that talks to it is `tracker.py`.
+stopped by process group, which a watcher process ends if this process dies without stopping it
+(even by SIGKILL). The tracking facade that talks to it is `tracker.py`.
 
 Artifacts are proxied by the server (`--serve-artifacts`) to `artifacts_destination`, a local
 folder by default or an `s3://bucket/prefix` (an S3-compatible endpoint through
@@ -65,6 +66,33 @@ except (be.EndpointConnectionError, be.ConnectTimeoutError, be.ReadTimeoutError)
 except Exception as exc:
     result["problem"], result["detail"] = "error", f"{type(exc).__name__}: {exc}"
 print(json.dumps(result))
+"""
+
+# The server's watcher: a process of its own that holds the read end of a pipe whose only write
+# end is this process's. When this process ends in any way (SIGKILL and the OOM killer included)
+# the kernel closes that end, the read returns, and the watcher ends the server's whole process
+# group (the `mlflow server` CLI and its uvicorn worker) as stop() does. PR_SET_PDEATHSIG would
+# reach the CLI alone, and only on Linux. Argument: the group id and the grace in seconds.
+_WATCHER = """
+import os, signal, sys, time
+pgid, grace = int(sys.argv[1]), float(sys.argv[2])
+for sig in (signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)
+while os.read(0, 4096):
+    pass
+def alive():
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+if alive():
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive():
+        os.killpg(pgid, signal.SIGKILL)
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +200,8 @@ class MlflowServer:
         self.start_seconds: float | None = None  # how long the last start() took to be healthy
         self._port = port
         self._proc: subprocess.Popen[bytes] | None = None
+        self._watcher: subprocess.Popen[bytes] | None = None
+        self._lifeline: int | None = None  # the pipe's write end the watcher waits on
 
     # -- properties --------------------------------------------------------------------------
 
@@ -262,6 +292,7 @@ class MlflowServer:
                                           stderr=subprocess.STDOUT, env=env, cwd=self.root,
                                           start_new_session=True)
         try:
+            self._watch(self._proc.pid)
             self._wait_healthy(began)
         except BaseException:
             self.stop()
@@ -270,6 +301,29 @@ class MlflowServer:
         logger.info("mlflow server healthy at %s after %.1f s (pid %d)", self.uri,
                     self.start_seconds, self._proc.pid)
         return self
+
+    def _watch(self, pgid: int) -> None:
+        """Start the watcher (`_WATCHER`) that ends group `pgid` when this process ends."""
+        read_end, self._lifeline = os.pipe()  # neither end is inherited across exec
+        try:
+            # Its own session: a Ctrl-C at the terminal reaches this process, not the watcher.
+            self._watcher = subprocess.Popen(
+                [sys.executable, "-c", _WATCHER, str(pgid), str(self.stop_grace_s)],
+                stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)
+        finally:
+            os.close(read_end)
+
+    def _unwatch(self) -> None:
+        """End the watcher (our own child, by its pid) and close its pipe; stop() ends the group
+        itself, whose id the watcher must not signal once it may be reused."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.kill()
+            watcher.wait()
+        lifeline, self._lifeline = self._lifeline, None
+        if lifeline is not None:
+            os.close(lifeline)
 
     def _check_s3(self, env: Mapping[str, str]) -> None:
         """Check the bucket of the `s3://` artifacts destination as the server will see it."""
@@ -361,6 +415,7 @@ class MlflowServer:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        self._unwatch()
         pgid = proc.pid  # the leader of a new session: its pid is the group id
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_grace_s
