@@ -22,10 +22,13 @@ from dynroute.models.static_routes import STATIC_ROUTES
 from dynroute.models.summary import summarize
 from dynroute.pipelines import cli_registry
 from dynroute.pipelines.cli_common import (
+    CommandGroup,
     InferenceDevice,
     InferenceFast,
     fail,
     load_params,
+    on_interrupt,
+    set_debug,
     tracking_uri,
     with_inference,
 )
@@ -39,12 +42,29 @@ from dynroute.platform.files import write_json_atomic
 from dynroute.platform.tracking.server import MlflowServer, MlflowServerError
 from dynroute.platform.url_secrets import SettingsError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Dynamic routing for semantic segmentation: model, data, training, search.")
-model_app = typer.Typer(no_args_is_help=True, help="The network: routes, sizes and costs.")
-data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthesize, prepare into shards.")
+# CommandGroup (cli_common.py) is the top level around every command: stop signals, errors of the
+# operating system and of services, --debug. Locals stay out of a traceback: they hold secrets.
+app = typer.Typer(no_args_is_help=True, add_completion=False, cls=CommandGroup,
+                  pretty_exceptions_show_locals=False,
+                  help="Dynamic routing for semantic segmentation: model, data, training, "
+                       "search. Ctrl-C, SIGTERM and SIGHUP stop any command cleanly (exit status "
+                       "130, 143, 129) and say how to continue.")
+model_app = typer.Typer(no_args_is_help=True, cls=CommandGroup,
+                        help="The network: routes, sizes and costs.")
+data_app = typer.Typer(no_args_is_help=True, cls=CommandGroup,
+                       help="Datasets: synthesize, prepare into shards.")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option(
+        "--debug", envvar="DYNROUTE_DEBUG",
+        help="Show the traceback behind an error (also DYNROUTE_DEBUG=1).")] = False,
+) -> None:
+    """The options of every command (the app's help is Typer(help=...) above)."""
+    set_debug(debug)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -179,6 +199,8 @@ def data_prepare(
     def progress(split: str, done: int, total: int) -> None:
         bars.setdefault(split, Progress(f"prepare {dataset} {split}"))(done, total)
 
+    on_interrupt(f"{out} is unchanged (the partial copy was removed); run the same command "
+                 f"again")
     try:
         manifest = prepare(dataset, raw, out, rows_per_shard=rows_per_shard,
                            rows_per_group=rows_per_group, workers=workers, progress=progress)
@@ -208,7 +230,7 @@ def train_command(
 ) -> None:
     """Train the network on Ray Train (in-process with 0 workers), tracked in MLflow."""
     from dynroute.pipelines.run import train_spec
-    from dynroute.platform.train.checkpoints import RunBusy
+    from dynroute.platform.train.checkpoints import RunBusy, run_dir
     from dynroute.platform.train.training import train
 
     p = load_params(params)
@@ -220,6 +242,9 @@ def train_command(
                     train=replace(p.train, **{k: v for k, v in
                                               {"iterations": iterations,
                                                "budget": budget}.items() if v is not None}))
+        on_interrupt(f"the run folder {run_dir(train_spec(p, data=str(data), uri=None))} keeps "
+                     f"its checkpoints (one every {p.run.checkpoint_every} steps); run the same "
+                     f"command again to continue from the last one")
         with tracking_uri(p) as uri:
             result = train(train_spec(p, data=str(data), uri=uri))
     except (ValueError, FileNotFoundError, RunBusy) as err:
@@ -359,6 +384,8 @@ def tune_command(
     p = load_params(params)
     if num_samples is not None:
         p = replace(p, tune=replace(p.tune, num_samples=num_samples))
+    on_interrupt(f"study {p.tune.study} keeps its finished trials; `dynroute tune --resume` "
+                 f"continues it, interrupted trials from their checkpoints")
     try:
         with tracking_uri(p) as uri:
             path = run_tune(p, data=str(data or p.data.prepared), uri=uri, resume=resume)

@@ -22,10 +22,9 @@ from dynroute.pipelines.cli_common import (
 
 
 def _registry_errors() -> tuple[type[Exception], ...]:
-    # Lazy like the handlers' imports (cli.py says why): register.py loads MLflow.
-    from dynroute.platform.registry.register import SERVICE_ERRORS
-
-    return (ValueError, FileNotFoundError, *SERVICE_ERRORS)
+    # MLflow's own errors (register.SERVICE_ERRORS) are the app's top level's, as for every
+    # command (cli_common.CommandGroup): an unreachable server is said the same way everywhere.
+    return (ValueError, FileNotFoundError)
 
 
 def _registry_figure(value: float, spec: str = ".4g") -> str:
