@@ -266,22 +266,6 @@ def _frame_in_both_splits(raw: Path) -> list[str]:
             "bochum_000000_000019 (train/bochum and val/bochum)", "remove each from one split"]
 
 
-@pytest.mark.parametrize("breaker", [_frame_in_two_cities, _frame_in_both_splits])
-def test_a_cityscapes_frame_twice_is_refused_and_the_output_untouched(tmp_path, breaker):
-    raw = make_cityscapes(tmp_path / "raw")
-    out = tmp_path / "prepared"
-    assert _prepare_cli("cityscapes", raw, out).returncode == 0
-    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    needles = breaker(raw)
-    res = _prepare_cli("cityscapes", raw, out)
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert res.stderr.startswith("error: cityscapes: ") and "Traceback" not in res.stderr
-    for needle in needles:
-        assert needle in res.stderr, (needle, res.stderr)
-    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]
-
-
 def _lists(raw: Path) -> Path:
     return raw / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
 
@@ -306,17 +290,19 @@ def _voc_val_id_in_train_list(raw: Path) -> list[str]:
             f"{_lists(raw) / 'val.txt'}: 2008_000004", "remove each from one list"]
 
 
-@pytest.mark.parametrize("breaker", [_voc_val_list_repeats_ids, _sbd_list_repeats_an_id,
-                                     _voc_val_id_in_train_list])
-def test_a_voc_id_twice_is_refused_and_the_output_untouched(tmp_path, breaker):
-    raw = make_voc(tmp_path / "raw")
+@pytest.mark.parametrize(("dataset", "breaker"), [
+    ("cityscapes", _frame_in_two_cities), ("cityscapes", _frame_in_both_splits),
+    ("voc", _voc_val_list_repeats_ids), ("voc", _sbd_list_repeats_an_id),
+    ("voc", _voc_val_id_in_train_list)])
+def test_a_sample_twice_is_refused_and_the_output_untouched(tmp_path, dataset, breaker):
+    raw = {"cityscapes": make_cityscapes, "voc": make_voc}[dataset](tmp_path / "raw")
     out = tmp_path / "prepared"
-    assert _prepare_cli("voc", raw, out).returncode == 0
+    assert _prepare_cli(dataset, raw, out).returncode == 0
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     needles = breaker(raw)
-    res = _prepare_cli("voc", raw, out)
+    res = _prepare_cli(dataset, raw, out)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert res.stderr.startswith("error: voc: ") and "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"error: {dataset}: ") and "Traceback" not in res.stderr
     for needle in needles:
         assert needle in res.stderr, (needle, res.stderr)
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
