@@ -192,3 +192,15 @@ def _isolated_mlflow_environment() -> Iterator[None]:
     _reset_mlflow_environment()
     yield
     _reset_mlflow_environment()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A tiny prepared synthetic Cityscapes (16 train, 4 val images of 64x128)."""
+    from dynroute.pipelines.prepare import prepare
+    from dynroute.pipelines.synth import synthesize
+
+    root = tmp_path_factory.mktemp("prepared-data")
+    synthesize("cityscapes", root / "raw", train=16, val=4, height=64, width=128, seed=3)
+    prepare("cityscapes", root / "raw", root / "prepared", workers=1)
+    return root / "prepared"

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 
 from dynroute.platform import metrics
 from dynroute.platform.registry.front import RegistryError
-from dynroute.platform.tracking.client import configure_http_client
+from dynroute.platform.tracking.client import mlflow_client
 
 __all__ = ["RegisteredVersion", "all_versions", "describe_versions", "read_versions",
            "registry_client"]
@@ -33,8 +33,7 @@ TAG_RESOLUTION = "cost_resolution"
 
 def registry_client(tracking_uri: str) -> MlflowClient:
     """A client of the tracking server's registry, with the fail-fast HTTP settings."""
-    configure_http_client()
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return mlflow_client(tracking_uri)
 
 
 def all_versions(client: MlflowClient, name: str) -> list:

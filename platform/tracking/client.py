@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 # Server-side limits of MLflow 3.17 (mlflow/utils/validation.py); a test pins them to MLflow's own.
@@ -35,6 +36,12 @@ def truncate(value: str, limit: int) -> str:
         return value
     marker = f"...[truncated {len(value)} chars]"
     return value[: limit - len(marker)] + marker
+
+
+def mlflow_client(uri: str) -> MlflowClient:
+    """A client of `uri` for tracking and its registry, with the fail-fast HTTP settings."""
+    configure_http_client()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def configure_http_client() -> None:

@@ -42,7 +42,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 
 from dynroute.models import NetworkConfig, build_network
-from dynroute.platform.tracking.client import configure_http_client
+from dynroute.platform.tracking.client import mlflow_client
 
 __all__ = [
     "FORMAT",
@@ -84,11 +84,6 @@ def file_sha256(path: Path, *, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _client(tracking_uri: str) -> MlflowClient:
-    configure_http_client()
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
 def _config_dict(config: NetworkConfig) -> dict:
     if config.route is not None:
         raise ValueError(f"a network restricted to route {config.route.name!r} cannot be logged: "
@@ -115,7 +110,7 @@ def log_network(network: torch.nn.Module, config: NetworkConfig, *, tracking_uri
     """
     described = {"format": FORMAT, "network": _config_dict(config)}
     state = {key: value.detach().cpu() for key, value in network.state_dict().items()}
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="dynroute-model-") as tmp:
         folder = Path(tmp)
         torch.save(state, folder / WEIGHTS_FILE)
@@ -183,7 +178,7 @@ def recorded_model(model_uri: str, *, tracking_uri: str) -> RecordedModel:
     Raises:
         ModelLoadError: the URI names nothing on the server, or the server cannot be reached.
     """
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     version, sha = None, None
     try:
         if model_uri.startswith("runs:/"):

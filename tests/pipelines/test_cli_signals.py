@@ -21,19 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dynroute.pipelines.prepare import prepare
 from dynroute.pipelines.synth import synthesize
 
 DYNROUTE = shutil.which("dynroute", path=str(Path(sys.executable).parent)) or "dynroute"
 ENV = os.environ | {"COLUMNS": "400"}  # one error line is one line of output
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("signals-data")
-    synthesize("cityscapes", root / "raw", train=16, val=4, height=64, width=128, seed=3)
-    prepare("cityscapes", root / "raw", root / "prepared", workers=1)
-    return root / "prepared"
 
 
 def write_params(folder: Path, *, tracking: str = "local") -> Path:
@@ -52,30 +43,27 @@ def start(*args: str, cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def children(pid: int) -> list[int]:
+def _stats() -> list[tuple[int, list[str]]]:
+    """(pid, the fields after the command name in /proc/<pid>/stat) of every process."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if entry.name.isdigit() and int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            found.append(int(entry.name))
+        if entry.name.isdigit():
+            found.append((int(entry.name), stat[stat.rindex(")") + 2:].split()))
     return found
+
+
+def children(pid: int) -> list[int]:
+    return [child for child, fields in _stats() if int(fields[1]) == pid]
 
 
 def group(pgid: int) -> list[int]:
     """Live (non-zombie) processes of process group `pgid`."""
-    alive = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if entry.name.isdigit() and int(fields[2]) == pgid and fields[0] not in "ZX":
-            alive.append(int(entry.name))
-    return alive
+    return [member for member, fields in _stats()
+            if int(fields[2]) == pgid and fields[0] not in "ZX"]
 
 
 def alive(pid: int) -> bool:

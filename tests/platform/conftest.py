@@ -104,18 +104,6 @@ def make_shards(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> Path:
-    """A tiny prepared synthetic Cityscapes (16 train, 4 val images of 64x128)."""
-    from dynroute.pipelines.prepare import prepare
-    from dynroute.pipelines.synth import synthesize
-
-    root = tmp_path_factory.mktemp("prepared-data")
-    synthesize("cityscapes", root / "raw", train=16, val=4, height=64, width=128, seed=3)
-    prepare("cityscapes", root / "raw", root / "prepared", workers=1)
-    return root / "prepared"
-
-
 PAGE = 4096
 ROOMY = 64 << 20  # a small disk's size while a command runs with room to spare
 
