@@ -1,10 +1,19 @@
 """Benchmarks run in CI at smoke size only: they must run, their figures are read by people."""
 
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dynroute.models import NetworkConfig, Route, build_network
+from dynroute.models.route_statistics import RouteStatistics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,12 +29,95 @@ def test_dynamic_inference_benchmark_runs_at_smoke_size():
     assert all(float(row[2]) < 1.0 for name, row in table.items() if name != "all-open")
 
 
-def test_science_check_runs_at_smoke_size():
-    res = subprocess.run([sys.executable, "benchmarks/science_check.py", "--smoke"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+def _science_check():
+    """benchmarks/science_check.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("science_check",
+                                                  ROOT / "benchmarks" / "science_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_science_check_runs_at_smoke_size(tmp_path):
+    out = tmp_path / "science.json"
+    res = subprocess.run([sys.executable, "benchmarks/science_check.py", "--smoke", "--seeds", "0",
+                          "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    for row in ("dynamic-raw", "dynamic-a", "(b) budget", "(c) dynamic-a by scene kind"):
+    for row in ("dynamic-raw", "dynamic-a", "(b) budget", "(c) dynamic-a by scene kind",
+                "(d) dynamic vs static", "mean  dynamic − static over 2 seed(s)"):
         assert row in res.stdout
+    assert "data seed 0" in res.stdout and "data seed 1" in res.stdout
+    summary = json.loads(out.read_text())
+    assert set(summary["seeds"]) == {"0", "1"}
+    for networks in summary["seeds"].values():
+        assert set(networks) == {"dynamic-raw", "dynamic-a"}
+        assert all(n["train_seconds"] > 0 for n in networks.values())
+    d = summary["dynamic_vs_static"]
+    assert (d["threshold"], d["static"], d["iterations"]) == (0.95, "common-95", 4)
+    rows = {(r["seed"], r["network"]): r for r in d["rows"]}
+    assert set(rows) == {(s, n) for s in (0, 1) for n in ("dynamic-a", "common-95")}
+    for seed in (0, 1):
+        dynamic, static = rows[seed, "dynamic-a"], rows[seed, "common-95"]
+        assert dynamic["gflops_mean"] == summary["seeds"][str(seed)]["dynamic-a"]["gflops_mean"]
+        assert 0 <= static["miou"] <= 1 and static["train_seconds"] > 0
+        # A static network costs its route, every image alike; that route is a valid one of the
+        # space and its analytic cost, computed here afresh, is the figure in the table.
+        route = Route.from_dict({"layers": 4, "paths": static["paths"]})
+        network = build_network(NetworkConfig(layers=4, base_channels=4, gate="fixed",
+                                              route=route))
+        analytic = network.cost_model(64, 128).all_open_real() / 1e9
+        assert static["route_gflops"] == pytest.approx(analytic, rel=1e-12)
+        assert static["gflops_mean"] == pytest.approx(analytic, rel=1e-9)
+        assert f"{len(route.paths)} of " in static["route"]
+        # Dynamic-A's whole space with its gates costs more than any static route in it.
+        assert static["route_gflops"] < dynamic["route_gflops"]
+        assert dynamic["gflops_mean"] <= dynamic["route_gflops"] * (1 + 1e-9)
+    for net in ("dynamic-a", "common-95"):
+        mean = d["mean"][net]
+        assert mean["seeds"] == 2
+        assert mean["miou"] == pytest.approx((rows[0, net]["miou"] + rows[1, net]["miou"]) / 2)
+    assert d["difference"]["seeds"] == 2
+    assert d["difference"]["miou"] == pytest.approx(d["mean"]["dynamic-a"]["miou"]
+                                                    - d["mean"]["common-95"]["miou"])
+    assert d["difference"]["gflops_mean"] == pytest.approx(
+        d["mean"]["dynamic-a"]["gflops_mean"] - d["mean"]["common-95"]["gflops_mean"])
+
+
+def test_science_check_reports_a_common_x_route_that_does_not_reach_the_decoder(capsys):
+    science = _science_check()
+    full = Route.full(4)
+    stats = RouteStatistics(full)
+    shut = {node: torch.zeros(2, len(full.paths_of(node))) for node in full.cells}
+    stats.update(shut)
+    route, label = science.common_route(stats, 0.95)
+    assert route is None
+    assert label.startswith("no route above 0.95") and "lower --threshold" in label
+    stats.update({node: torch.ones(2, len(full.paths_of(node))) for node in full.cells})
+    assert science.common_route(stats, 0.4)[1].endswith("(all: Network-Fix)")  # open 50%
+
+    # In the table: the seed without a route is a row saying so; means and the difference
+    # keep to the seed that has one.
+    def result(miou, label, route=None):
+        figures = {"miou": miou, "chance": 0.05, "gflops": SimpleNamespace(mean=1.0),
+                   "train_seconds": 1.0}
+        return {"networks": {"dynamic-a": figures | {"all_open_gflops": 2.0}},
+                "common": {"name": "common-95", "route": route, "label": label}
+                | ({} if route is None else figures | {"miou": miou - 0.1,
+                                                        "gflops": SimpleNamespace(mean=0.5),
+                                                        "route_gflops": 0.5})}
+    args = SimpleNamespace(threshold=0.95, iterations=4)
+    compared = science.compare({3: result(0.5, "8 of 29 paths", route=full),
+                                4: result(0.6, label)}, args)
+    printed = capsys.readouterr().out
+    assert f"4     common-95   {label}" in printed
+    assert compared["mean"]["common-95"]["seeds"] == 1
+    assert compared["mean"]["dynamic-a"]["seeds"] == 2
+    assert compared["difference"] == {"seeds": 1, "gflops_mean": 0.5, "gflops_ratio": 2.0,
+                                      "miou": pytest.approx(0.1)}
+    none = science.compare({4: result(0.6, label)}, args)
+    assert none["difference"] is None
+    assert "no seed has a common-95 route; lower --threshold" in capsys.readouterr().out
 
 
 def test_warm_start_benchmark_runs_at_smoke_size():
