@@ -12,6 +12,13 @@ GFLOPS_MIN = "gflops_min"
 GFLOPS_P50 = "gflops_p50"
 GFLOPS_P90 = "gflops_p90"
 EXPECTED_GFLOPS = "expected_gflops"
+# Where the budget stands: the expected cost over C_all (what the budget loss pulls towards μ),
+# mean over the last logged steps of a training.
+EXPECTED_COST_RATIO = "expected_cost_ratio"
+# The real GFLOPs per image (at the cost resolution) with every gate closed (the stem, decoder,
+# head and gates every image pays: no budget goes below it) and with every path open.
+GFLOPS_FLOOR = "gflops_floor"
+GFLOPS_ALL_OPEN = "gflops_all_open"
 LATENCY_MS = "latency_ms"
 LOSS_SEGMENTATION = "loss_seg"
 LOSS_BUDGET = "loss_budget"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -35,6 +36,9 @@ FORMAT_VERSION = 1
 IGNORE_INDEX = 255
 MANIFEST = "manifest.json"
 CLASS_STATS = "class_stats.json"
+# The scene kind of each image ("<split>/<id>" → kind), where the raw data said (the synthetic
+# sets do: small / large / mixed objects); evaluation groups its per-image figures by it.
+SCENE_KINDS = "scene_kinds.json"
 SHARD_DIR = "shards"
 
 _COMPRESSION = {"id": "zstd", "image": "none", "image_format": "zstd", "label": "none",
@@ -153,6 +157,31 @@ def read_manifest(root: str) -> Manifest:
     except json.JSONDecodeError as err:
         raise ManifestError(f"{root}/{MANIFEST} is not valid JSON: {err}") from None
     return Manifest.from_dict(data, source=f"{root}/{MANIFEST}")
+
+
+def write_scene_kinds(root: str | os.PathLike, kinds: Mapping[str, str]) -> None:
+    """Write SCENE_KINDS ("<split>/<id>" → kind) into a local dataset folder being written."""
+    with open(os.path.join(root, SCENE_KINDS), "w") as f:
+        json.dump({"kinds": dict(sorted(kinds.items()))}, f, indent=1)
+        f.write("\n")
+
+
+def read_scene_kinds(root: str, split: str) -> dict[str, str] | None:
+    """The scene kind of each image id of `split`, or None when the dataset records none."""
+    fs, base = filesystem_for(root)
+    path = join(base, SCENE_KINDS)
+    try:
+        with fs.open_input_stream(path) as f:
+            kinds = json.loads(f.read())["kinds"]
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ManifestError(f"{root}/{SCENE_KINDS} is damaged ({err}); run `dynroute data "
+                            f"prepare` again") from None
+    prefix = f"{split}/"
+    found = {key[len(prefix):]: str(kind) for key, kind in kinds.items()
+             if key.startswith(prefix)}
+    return found or None
 
 
 def sha256_file(fs: pafs.FileSystem, path: str, *, chunk: int = 1 << 22) -> str:

@@ -49,7 +49,7 @@ from dynroute.platform.evaluate.prediction_files import (
     write_prediction,
 )
 
-PER_IMAGE_COLUMNS = ("id", "gflops", "latency_ms", "pixel_accuracy")
+PER_IMAGE_COLUMNS = ("id", "gflops", "latency_ms", "pixel_accuracy", "paths_open")
 
 
 # -- confusion matrix -------------------------------------------------------------------------
@@ -190,6 +190,7 @@ class ImageRow:
     gflops: float
     latency_ms: float
     pixel_accuracy: float  # NaN for an image whose pixels are all ignored
+    paths_open: int = 0  # the routing paths its route opened (summed over TTA passes)
 
 
 @dataclass
@@ -209,6 +210,26 @@ class EvaluationResult:
     per_image: list[ImageRow] = field(default_factory=list)
     confusion: ConfusionMatrix | None = None
     tta: TTA | None = None
+    scene_kinds: Mapping[str, str] | None = None  # image id → kind, where the data records it
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """Per scene kind (`scene_kinds`): its images, their real GFLOPs (mean, min, max), open
+        paths and pixel accuracy (means); {} when the data records no kinds."""
+        groups: dict[str, list[ImageRow]] = {}
+        for row in self.per_image:
+            kind = (self.scene_kinds or {}).get(row.id)
+            if kind is not None:
+                groups.setdefault(kind, []).append(row)
+        summary = {}
+        for kind, rows in sorted(groups.items()):
+            gflops = [r.gflops for r in rows]
+            accuracy = [r.pixel_accuracy for r in rows if not math.isnan(r.pixel_accuracy)]
+            summary[kind] = {
+                "images": len(rows), "gflops_mean": float(np.mean(gflops)),
+                "gflops_min": min(gflops), "gflops_max": max(gflops),
+                "paths_open_mean": float(np.mean([r.paths_open for r in rows])),
+                "pixel_accuracy_mean": float(np.mean(accuracy)) if accuracy else None}
+        return summary
 
     def to_dict(self) -> dict:
         """JSON-safe, flat where possible; keys from `dynroute.platform.metrics`."""
@@ -222,15 +243,21 @@ class EvaluationResult:
                                                   "flip": self.tta.flip},
             "per_class_iou": dict(self.per_class_iou),
             "gate_probability": {str(p): f for p, f in sorted(self.gate_probability.items())},
+            "by_kind": self.by_kind(),
         }
 
     def write_per_image(self, path: Path) -> Path:
-        """One Parquet row per image: id, gflops, latency_ms, pixel_accuracy (atomic)."""
+        """One Parquet row per image: PER_IMAGE_COLUMNS, and its scene kind where known
+        (atomic)."""
         table = pa.table({
             "id": pa.array([r.id for r in self.per_image], pa.string()),
             **{c: pa.array([getattr(r, c) for r in self.per_image], pa.float64())
-               for c in PER_IMAGE_COLUMNS[1:]},
+               for c in PER_IMAGE_COLUMNS[1:-1]},
+            "paths_open": pa.array([r.paths_open for r in self.per_image], pa.int64()),
         })
+        if self.scene_kinds:
+            table = table.append_column("kind", pa.array(
+                [self.scene_kinds.get(r.id) for r in self.per_image], pa.string()))
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         pq.write_table(table, tmp)
@@ -272,8 +299,8 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
              predictions_dir: Path | None = None,
              prediction_format: PredictionFormat | None = None,
              progress: Callable[[int, int], None] | None = None, limit: int | None = None,
-             warmup: int = 0, fast: bool = True,
-             loader_workers: int | None = None) -> EvaluationResult:
+             warmup: int = 0, fast: bool = True, loader_workers: int | None = None,
+             scene_kinds: Mapping[str, str] | None = None) -> EvaluationResult:
     """Evaluate `network` on every sample of `dataset`, one image at a time, hard routing.
 
     Args:
@@ -295,6 +322,7 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
             runs the plain network. Both compute the same fp32 function (up to rounding).
         loader_workers: processes that read and decode samples ahead (`samples`); None: none
             on a CPU, the cores per GPU less one on CUDA.
+        scene_kinds: image id → scene kind (`shards.read_scene_kinds`), for `by_kind`.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit}: evaluate at least one image, or pass None for all")
@@ -346,9 +374,11 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
                 latency = (time.perf_counter() - start) * 1e3
                 pred = result.logits.argmax(dim=1)[0]  # (H, W)
                 confusion.update(pred, label)
-                gflops = 0.0
+                gflops, opened = 0.0, 0
                 for p in result.passes:
                     stats.update(p.gates)
+                    opened += sum(int((alpha > network.closed_threshold).sum())
+                                  for alpha in p.gates.values())
                     cost = network.cost_model(*scaled(cost_resolution, p.scale))
                     gflops += float(cost.real(p.gates)[0]) / 1e9
                 valid = label != IGNORE_INDEX
@@ -356,7 +386,7 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
                 accuracy = (int(((pred == label) & valid).sum()) / n_valid if n_valid
                             else math.nan)
                 rows.append(ImageRow(id=str(sample["id"]), gflops=gflops, latency_ms=latency,
-                                     pixel_accuracy=accuracy))
+                                     pixel_accuracy=accuracy, paths_open=opened))
                 if predictions_dir is not None and prediction_format is not None:
                     write_prediction(pred.to(torch.uint8).cpu().numpy(), str(sample["id"]),
                                       predictions_dir, prediction_format, lookup)
@@ -376,5 +406,6 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
         latency_ms=Distribution.of([r.latency_ms for r in rows]),
         cost_resolution=(int(cost_resolution[0]), int(cost_resolution[1])),
         gate_probability=stats.path_frequency(), route_statistics=stats, per_image=rows,
-        confusion=confusion, tta=tta)
+        confusion=confusion, tta=tta,
+        scene_kinds=dict(scene_kinds) if scene_kinds else None)
 

@@ -4,14 +4,13 @@
 `Range`s of `train.*` / `model.*` keys and `seed_points` the paper's named budgets into points of
 it. The study lives in persistent storage under a fixed name (`open_storage`, `load_study`) and
 is the source of truth: `requeue_interrupted` and `finished_trials` let a killed driver's study
-resume, and `write_trials` writes `trials.json` from it. How these fit with Ray Tune is told in
+resume; trials_file.py writes `trials.json` from it. How these fit with Ray Tune is told in
 tune.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import typing
@@ -30,9 +29,13 @@ from dynroute.platform import metrics as M
 from dynroute.platform.train.recipe import TrainConfig
 from dynroute.platform.train.spec import TrainSpec
 
-TRIALS_FILE = "trials.json"
 REPORT_KEYS = (M.MIOU, M.GFLOPS_MEAN, M.GFLOPS_MAX, M.GFLOPS_MIN, M.GFLOPS_P50, M.GFLOPS_P90)
 STEP = "step"
+# Figures a trial reports beside the objectives when it has them: where its budget ended, and
+# the real cost its network can reach (trials_file.budget_end).
+BUDGET_KEYS = (M.EXPECTED_COST_RATIO, M.GFLOPS_FLOOR, M.GFLOPS_ALL_OPEN)
+# Per scene kind figures of a trial's evaluation, where the data records kinds (evaluation.py).
+BY_KIND = "by_kind"
 SCHEDULERS = ("fifo", "mo-asha")
 # User attributes of the study and its trials.
 RUN_NAME_ATTR = "run_name"
@@ -40,7 +43,6 @@ SEEDED_ATTR = "seeded_from"
 CONSTRAINT_ATTR = "constraint"  # gflops_mean − max_gflops; ≤ 0 is feasible
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 MODE_ATTR = "mode"
-_TRIAL_STATES = {"COMPLETE": "COMPLETE", "PRUNED": "PRUNED", "FAIL": "FAILED"}
 
 
 
@@ -355,61 +357,3 @@ def make_sampler(spec: SearchSpec, done: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constraints_func is marked experimental
         return optuna.samplers.TPESampler(seed=spec.seed + done, constraints_func=constraints)
-
-
-
-# -- trials.json -----------------------------------------------------------------------------
-def trial_records(search: SearchSpec, base: TrainSpec, study) -> list[dict]:
-    """One record per finished trial of the study (all sessions), by trial number."""
-    records = []
-    for t in study.get_trials(deepcopy=False):
-        state = _TRIAL_STATES.get(t.state.name)
-        if state is None:  # WAITING or RUNNING: never run, or still running elsewhere
-            continue
-        attrs = t.user_attrs
-        try:
-            lambda2, mu = apply_params(base, t.params).train.budget_weights
-        except (KeyError, ValueError):
-            lambda2 = mu = None
-        complete = state == "COMPLETE"
-        run_id = attrs.get("mlflow_run_id") or None
-        record = {
-            "id": search.trial_id(t.number), "number": t.number, "state": state,
-            "seeded_from": attrs.get(SEEDED_ATTR), "params": dict(t.params),
-            "lambda2": lambda2, "mu": mu,
-            "iterations": search.iterations,
-            **{k: attrs.get(k) if complete else None for k in REPORT_KEYS},
-            "checkpoint": attrs.get("checkpoint") if complete else None,
-            "mlflow_run_id": run_id,
-            "model_uri": f"runs:/{run_id}/model" if complete and run_id else None,
-            "run_name": attrs.get(RUN_NAME_ATTR),
-            "retry_of": t.system_attrs.get("failed_trial"),
-        }
-        if state == "PRUNED" and STEP in attrs:  # the figures where the scheduler stopped it
-            record["last_rung"] = {k: attrs.get(k) for k in (STEP, *REPORT_KEYS)}
-        if search.mode == "constrained":
-            constraints = t.system_attrs.get("constraints")
-            record["constraint"] = constraints[0] if constraints else None
-            record["feasible"] = None if not constraints else constraints[0] <= 0
-        records.append(record)
-    return records
-
-
-def write_trials(search: SearchSpec, base: TrainSpec, study, *,
-                 parent_run_id: str | None) -> Path:
-    """Write `{results}/trials.json` atomically (the pareto and register stages read it)."""
-    document = {
-        "study": search.study, "mode": search.mode,
-        "max_gflops": search.max_gflops if search.mode == "constrained" else None,
-        "storage": search.storage,
-        "objectives": [list(o) for o in M.SEARCH_OBJECTIVES],
-        "cost_resolution": list(search.cost_resolution),
-        "parent_run_id": parent_run_id,
-        "trials": trial_records(search, base, study),
-    }
-    path = search.results_dir() / TRIALS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path

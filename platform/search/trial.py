@@ -21,10 +21,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from dynroute.models import build_network
 from dynroute.platform import metrics as M
 from dynroute.platform.data.dataset import ShardDataset
-from dynroute.platform.data.shards import read_manifest
+from dynroute.platform.data.shards import read_manifest, read_scene_kinds
 from dynroute.platform.device.fast_path import inference_device
 from dynroute.platform.evaluate.evaluation import evaluate
-from dynroute.platform.search.study import SEEDED_ATTR, STEP, SearchSpec, apply_params, check_report
+from dynroute.platform.search.study import (
+    BY_KIND,
+    SEEDED_ATTR,
+    STEP,
+    SearchSpec,
+    apply_params,
+    check_report,
+)
 from dynroute.platform.search.warm_start import WARM_START_TAG, seed_run
 from dynroute.platform.tracking import runs
 from dynroute.platform.train import ray_train
@@ -126,6 +133,9 @@ def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
             task = ray.remote(evaluate_checkpoint).options(**options)
             figures = ray.get(task.remote(spec_dict, str(checkpoint), split=split,
                                           cost_resolution=cost_resolution))
+        ended = state.get("figures", {}).get(M.EXPECTED_COST_RATIO)  # older checkpoints: none
+        if ended is not None:
+            figures = figures | {M.EXPECTED_COST_RATIO: float(ended)}
         report = figures | {STEP: step, "iterations": spec.train.iterations,
                             "checkpoint": str(checkpoint), "mlflow_run_id": run_id or ""}
         check_report(report, where=f"{spec.name} at step {step}")
@@ -175,16 +185,23 @@ def _evaluate(spec: TrainSpec, weights: dict, *, split: str,
                                                 crop=None, verify=True),
                           num_classes=manifest.num_classes, class_names=manifest.class_names,
                           cost_resolution=tuple(cost_resolution),
-                          device=inference_device() if spec.use_gpu else "cpu")
+                          device=inference_device() if spec.use_gpu else "cpu",
+                          scene_kinds=read_scene_kinds(spec.data, split))
     g = result.gflops
+    cost = network.cost_model(*cost_resolution)
+    all_open = cost.all_open_real()
     return {M.MIOU: result.miou, M.GFLOPS_MEAN: g.mean, M.GFLOPS_MAX: g.max,
-            M.GFLOPS_MIN: g.min, M.GFLOPS_P50: g.p50, M.GFLOPS_P90: g.p90}
+            M.GFLOPS_MIN: g.min, M.GFLOPS_P50: g.p50, M.GFLOPS_P90: g.p90,
+            M.GFLOPS_ALL_OPEN: all_open / 1e9,
+            M.GFLOPS_FLOOR: (all_open - cost.all_open_expected()) / 1e9,
+            BY_KIND: result.by_kind()}
 
 
 def _log_evaluation(spec: TrainSpec, run_id: str, figures: dict, *, step: int,
                     final: bool) -> None:
     """Rung and final figures on the trial's run; the final ones end it FINISHED."""
     lambda2, mu = spec.train.budget_weights
-    runs.log_trial_figures(spec.tracking.uri, spec.tracking.experiment, run_id, figures,
+    numbers = {k: v for k, v in figures.items() if isinstance(v, int | float)}
+    runs.log_trial_figures(spec.tracking.uri, spec.tracking.experiment, run_id, numbers,
                            step=step, final_params={"lambda2": lambda2, "mu": mu} if final
                            else None)

@@ -83,6 +83,8 @@ from dynroute.platform import metrics as M
 from dynroute.platform.data.shards import read_manifest
 from dynroute.platform.search.mo_asha import MOASHA
 from dynroute.platform.search.study import (
+    BUDGET_KEYS,
+    BY_KIND,
     CONSTRAINT_ATTR,
     PARENT_RUN_ATTR,
     REPORT_KEYS,
@@ -98,7 +100,6 @@ from dynroute.platform.search.study import (
     open_storage,
     requeue_interrupted,
     seed_points,
-    write_trials,
 )
 from dynroute.platform.search.trial import (
     TrialSetup,
@@ -106,6 +107,7 @@ from dynroute.platform.search.trial import (
     train_prefix,
     trial_spec,
 )
+from dynroute.platform.search.trials_file import write_trials
 from dynroute.platform.search.warm_start import prefix_spec, prefix_steps
 from dynroute.platform.tracking import runs
 from dynroute.platform.train import ray_train
@@ -130,6 +132,11 @@ class _StudySearch(OptunaSearch):
             figures = check_report(result, where=f"trial {ot_trial.number}")
             for key, value in figures.items():
                 ot_trial.set_user_attr(key, int(value) if key == STEP else value)
+            for key in BUDGET_KEYS:
+                if isinstance(result.get(key), int | float):
+                    ot_trial.set_user_attr(key, float(result[key]))
+            if isinstance(result.get(BY_KIND), dict):
+                ot_trial.set_user_attr(BY_KIND, result[BY_KIND])
             for key in ("checkpoint", "mlflow_run_id"):
                 if result.get(key):
                     ot_trial.set_user_attr(key, str(result[key]))

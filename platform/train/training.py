@@ -198,7 +198,7 @@ def train_loop(config: dict) -> None:
             logs = step % spec.log_every == 0 or step == recipe.iterations
             saves = step % spec.checkpoint_every == 0 or step == end
             if logs or saves:  # read back, and never checkpoint past a diverged step
-                figures = _metrics(sums, count, lr, step, started)
+                figures = _metrics(sums, count, lr, step, started, c_all=budget.c_all)
                 check_finite({k: figures[k] for k in _CHECKED}, f"in steps {step - count + 1}-"
                              f"{step}")
                 if logs:
@@ -225,13 +225,15 @@ def train_loop(config: dict) -> None:
 _CHECKED = (M.LOSS_SEGMENTATION, M.LOSS_BUDGET, "grad_norm")
 
 
-def _metrics(sums: torch.Tensor, count: int, lr: float, step: int, started: float) -> dict:
+def _metrics(sums: torch.Tensor, count: int, lr: float, step: int, started: float, *,
+             c_all: float) -> dict:
     """Means over the last `count` steps and every worker (identical numbers everywhere)."""
     seg, budget, expected, norm = (ray_train.all_reduce_mean(sums) / count).tolist()
     return {
         M.LOSS_SEGMENTATION: seg,
         M.LOSS_BUDGET: budget,
         M.EXPECTED_GFLOPS: expected / 1e9,
+        M.EXPECTED_COST_RATIO: expected / c_all,
         "grad_norm": norm,
         M.LEARNING_RATE: lr,
         "step": step,
@@ -244,7 +246,8 @@ def _progress_line(metrics: dict, step: int, total: int, started: float) -> str:
     eta = elapsed / max(step, 1) * (total - step)
     return (f"train: step {step}/{total} loss_seg {metrics[M.LOSS_SEGMENTATION]:.4f} "
             f"loss_budget {metrics[M.LOSS_BUDGET]:.4f} expected_gflops "
-            f"{metrics[M.EXPECTED_GFLOPS]:.3f} lr {metrics[M.LEARNING_RATE]:.5f} "
+            f"{metrics[M.EXPECTED_GFLOPS]:.3f} (E/C_all {metrics[M.EXPECTED_COST_RATIO]:.3f}) "
+            f"lr {metrics[M.LEARNING_RATE]:.5f} "
             f"ETA {eta:.0f}s")
 
 
@@ -256,7 +259,10 @@ def _checkpoint(network, optimizer, step, run_id, history, spec, me, metrics,
         if me.is_chief:
             checkpoints.write(folder, spec=spec, data_hash=data_hash, state={
                 "model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "mlflow_run_id": run_id, **history})
+                "step": step, "mlflow_run_id": run_id, **history,
+                # The last logged figures: where the budget stood (`trial.py` reports it).
+                "figures": {k: float(v) for k, v in metrics.items()
+                            if isinstance(v, int | float)}})
         report = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         ray_train.report(report | {"step": step},
                          checkpoint=folder if me.is_chief else None, step=step)

@@ -25,6 +25,7 @@ from dynroute.pipelines.labels import CITYSCAPES_CLASSES, VOC_CLASSES
 from dynroute.pipelines.prepare import prepare
 from dynroute.pipelines.synth import synthesize
 from dynroute.platform.data.dataset import ShardDataset
+from dynroute.platform.data.shards import read_scene_kinds
 from dynroute.platform.evaluate.evaluation import (
     PER_IMAGE_COLUMNS,
     TTA,
@@ -338,3 +339,40 @@ def test_bad_arguments_are_rejected(cityscapes, tmp_path) -> None:
                  cost_resolution=COST)
     with pytest.raises(ValueError, match="together"):
         run(network, cityscapes, predictions_dir=tmp_path)
+
+
+def test_figures_per_scene_kind_where_the_data_records_kinds(cityscapes, tmp_path) -> None:
+    """The synthetic set's kinds reach the evaluation through the prepared folder: each image's
+    row carries its kind and open paths, and `by_kind` sums them up per kind."""
+    kinds = read_scene_kinds(str(cityscapes / "prepared"), "val")
+    meta = json.loads((cityscapes / "raw" / "synth_meta.json").read_text())["images"]
+    assert kinds == {key.split("/", 1)[1]: entry["kind"] for key, entry in meta.items()
+                     if key.startswith("val/")}
+    result = run(tiny_network(), cityscapes, scene_kinds=kinds)
+    rows = pq.read_table(result.write_per_image(tmp_path / "per_image.parquet")).to_pylist()
+    assert [r["kind"] for r in rows] == [kinds[r["id"]] for r in rows]
+    paths = len(result.gate_probability)
+    assert all(0 <= r["paths_open"] <= paths for r in rows)
+    network = tiny_network()
+    pin_all(network)  # every path open
+    assert run(network, cityscapes, limit=1).per_image[0].paths_open == paths
+    some = max(network.route.cells)  # a cell of the last row: closing it starves no other
+    pin_all(network, closed={some: network.route.paths_of(some)})
+    assert run(network, cityscapes, limit=1).per_image[0].paths_open == \
+        paths - len(network.route.paths_of(some))
+    by_kind = json.loads(json.dumps(result.to_dict(), allow_nan=False))["by_kind"]
+    assert sorted(by_kind) == sorted(set(kinds.values()))
+    for kind, entry in by_kind.items():
+        mine = [r for r in rows if r["kind"] == kind]
+        assert entry["images"] == len(mine)
+        assert entry["gflops_mean"] == pytest.approx(np.mean([r["gflops"] for r in mine]))
+        assert entry["gflops_min"] == min(r["gflops"] for r in mine)
+        assert entry["gflops_max"] == max(r["gflops"] for r in mine)
+        assert entry["paths_open_mean"] == pytest.approx(np.mean([r["paths_open"] for r in mine]))
+
+
+def test_no_kinds_no_figures_per_kind(cityscapes, tmp_path) -> None:
+    result = run(tiny_network(), cityscapes)
+    table = pq.read_table(result.write_per_image(tmp_path / "per_image.parquet"))
+    assert table.column_names == list(PER_IMAGE_COLUMNS)
+    assert result.to_dict()["by_kind"] == {}

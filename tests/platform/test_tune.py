@@ -19,6 +19,7 @@ import yaml
 from optuna.trial import TrialState
 
 from dynroute.models import BUDGETS, NetworkConfig
+from dynroute.platform.data.shards import read_scene_kinds
 from dynroute.platform.search import study as S
 from dynroute.platform.search import trial as TR
 from dynroute.platform.search import tune as T
@@ -366,6 +367,15 @@ def test_a_tracked_study_with_mo_asha_writes_trials_and_child_runs(ray_cluster, 
     assert kept["id"] == "s-t000" and kept["state"] == "COMPLETE"
     assert 0.0 <= kept["miou"] <= 1.0
     assert kept["gflops_min"] <= kept["gflops_mean"] <= kept["gflops_max"]
+    assert kept["gflops_floor"] < kept["gflops_min"] <= kept["gflops_max"] <= \
+        kept["gflops_all_open"]
+    end = kept["budget_end"]  # where the budget ended: the training's last logged E/C_all
+    assert end["mu"] == kept["mu"] and 0 < end["cost_ratio"] <= 1
+    assert end["status"] in ("reached", "above", "below")
+    assert end["floor_fraction"] == pytest.approx(kept["gflops_floor"] / kept["gflops_all_open"])
+    kinds = read_scene_kinds(str(prepared), "val")  # the synthetic set's scene kinds
+    assert sum(entry["images"] for entry in kept["by_kind"].values()) == len(kinds)
+    assert set(kept["by_kind"]) == set(kinds.values())
     assert kept["checkpoint"] == str(tmp_path / "tune" / "trials" / "s-t000" /
                                      "checkpoint_00000004")
     assert kept["model_uri"] == f"runs:/{kept['mlflow_run_id']}/model"
@@ -386,6 +396,8 @@ def test_a_tracked_study_with_mo_asha_writes_trials_and_child_runs(ray_cluster, 
     assert final.info.run_id == kept["mlflow_run_id"] and final.info.status == "FINISHED"
     for figure in FIGURES:
         assert final.data.metrics[figure] == pytest.approx(kept[figure])
+    ratio = client.get_metric_history(final.info.run_id, "expected_cost_ratio")
+    assert ratio[-1].step == 4 and ratio[-1].value == pytest.approx(end["cost_ratio"])
     assert float(final.data.params["lambda2"]) == pytest.approx(kept["lambda2"])
     assert float(final.data.params["mu"]) == pytest.approx(kept["mu"])
     assert final.data.tags["study"] == "s" and final.data.tags["seeded_from"] == "dynamic-a"
