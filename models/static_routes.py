@@ -18,7 +18,12 @@ of each architecture. Stage lengths are given for L = 16 and scale with L:
 - ``hrnet-v2``: parallel streams. Stream 0 (1/4) starts at row 0; stream k starts at row
   r_k = max(k-1, k·L//8) (made strictly increasing) from a down path out of stream k-1; all streams
   keep to the last row, exchange up and down between adjacent streams every `exchange_every` rows,
-  and all four reach the decoder.
+  and all four reach the decoder. Stream starts and the first exchange row are keywords too.
+- ``hrnet-v2-table1``: the same pattern sized to the paper's Table 1 (5.4 M params, 62.5 GFLOPs at
+  L = 16, 1024×2048): streams start at rows 0, 4, 7, 11 and exchange every 3 rows from row 4, the
+  closest of the pattern's routes that benchmarks/table1_routes.py enumerates (5.40 M, 62.4
+  GFLOPs). The other four Table 1 networks have no route of their pattern within 5% of both
+  figures (docs/model.md §8). Other depths scale the rows.
 - ``auto-deeplab``: a searched-style single path with a late up: 1/4, 1/8, 1/16, 1/32, 1/16, 1/8 for
   2, 2, 4, 4, 3 and 1 sixteenths of the rows (at least one each). Below 6 rows the leading 1/4
   segment is dropped (the init cell already is at 1/4), and at 4 rows the final up to 1/8 too.
@@ -26,15 +31,19 @@ of each architecture. Stage lengths are given for L = 16 and scale with L:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import pairwise
 
-from .routes import Route, union
+from .routes import Route
 from .routing_space import INIT_ROW, NUM_SCALES, Direction, Path, RoutingSpace
 
 _SCALE_NAMES = ("1/4", "1/8", "1/16", "1/32")
 # Rows per stage (1/4, 1/8, 1/16, 1/32) of the ResNets the paper's L16 and L33 mirror.
 _RESNET_STAGES: dict[int, tuple[int, ...]] = {16: (3, 4, 6, 3), 33: (3, 4, 23, 3)}
+# HRNetV2 sized to Table 1 at L = 16 (benchmarks/table1_routes.py): stream starts and the
+# rows between exchanges.
+_HRNET_TABLE1_STARTS = (0, 4, 7, 11)
+_HRNET_TABLE1_EXCHANGE_EVERY = 3
 # Auto-DeepLab-like path: (scale, weight in sixteenths of the rows).
 _AUTO_DEEPLAB_SEGMENTS: tuple[tuple[int, int], ...] = (
     (0, 2), (1, 2), (2, 4), (3, 4), (2, 3), (1, 1),
@@ -154,18 +163,41 @@ def _unet_segments(layers: int) -> tuple[list[int], list[int]]:
     return levels, lengths
 
 
+def unet_paths(layers: int, encoder: Sequence[int], decoder: Sequence[int], *,
+               skips: Iterable[int] | None = None) -> frozenset[Path]:
+    """U-Net's down-and-up path with a skip connection at every level it passes on the way down.
+
+    Args:
+        layers: rows L of the routing space.
+        encoder: rows at 1/4, 1/8, ... on the way down (the first may be 0: the init cell then is
+            the 1/4 encoder); the last entry is the bottleneck.
+        decoder: rows on the way back up, coarsest level first (one level finer than the
+            bottleneck, then finer still); it may stop before 1/4.
+        skips: the levels that get a skip chain; every level above the bottleneck if None.
+
+    Returns:
+        The path plus, for each level k above the bottleneck, a chain of keep paths from the last
+        encoder cell at k to the first decoder cell at k, or on to the decoder when the path does
+        not come back to k (the naive decoder then fuses that level).
+    """
+    depth = len(encoder)
+    levels = [*range(depth), *range(depth - 2, depth - 2 - len(decoder), -1)]
+    scales = _segments(levels, [*encoder, *decoder])
+    bottom = sum(encoder[:-1])  # first bottleneck row: encoder before it, decoder after
+    paths = set(chain(layers, scales))
+    for k in range(depth - 1) if skips is None else skips:
+        last_encoder = max((r for r in range(bottom) if scales[r] == k), default=INIT_ROW)
+        first_decoder = min((r for r in range(bottom, layers) if scales[r] == k), default=layers)
+        paths.update(Path(r, k, "keep") for r in range(last_encoder, first_decoder))
+    return frozenset(paths)
+
+
 def unet(layers: int) -> Route:
     """Encoder-decoder path down to 1/32 and back to 1/4, with keep-chain skip connections."""
     levels, lengths = _unet_segments(layers)
-    scales = _segments(levels, lengths)
     depth = max(levels) + 1
-    bottom = scales.index(depth - 1)  # first bottleneck row: encoder before it, decoder after
-    skips = []
-    for k in range(depth - 1):
-        last_encoder = max(r for r in range(bottom) if scales[r] == k)
-        first_decoder = min(r for r in range(bottom, layers) if scales[r] == k)
-        skips.append({Path(r, k, "keep") for r in range(last_encoder, first_decoder)})
-    return union("unet", layers, [chain(layers, scales), *skips],
+    scales = _segments(levels, lengths)
+    return Route(layers, unet_paths(layers, lengths[:depth], lengths[depth:]), name="unet",
                  description=f"U-Net: encoder-decoder path, rows per scale: {_summary(scales)}; "
                              f"skip keep chains at scales {list(range(depth - 1))}")
 
@@ -181,24 +213,68 @@ def hrnet_spawn_rows(layers: int) -> list[int]:
     return rows
 
 
-def hrnet_v2(layers: int, *, exchange_every: int = 4) -> Route:
-    """Parallel streams at all scales, exchanging between neighbours every `exchange_every` rows."""
-    if exchange_every < 1:
-        raise ValueError(f"hrnet_v2: exchange_every={exchange_every} must be at least 1")
-    starts = hrnet_spawn_rows(layers)
+def hrnet_paths(layers: int, starts: Sequence[int], exchange_rows: Iterable[int]
+                ) -> frozenset[Path]:
+    """Parallel streams: stream k runs at scale k from row `starts[k]` to the last row and feeds
+    the decoder; in each of `exchange_rows` neighbouring streams that both run swap down and up.
+
+    Stream k > 0 is spawned by a down path out of stream k-1 in the row before its start (out of
+    the init cell for stream 1 starting at row 0), so each stream starts after its parent.
+    """
+    if starts[0] != 0 or any(b <= a for a, b in pairwise(starts[1:])):
+        raise ValueError(f"hrnet: stream starts {list(starts)} must be 0 for stream 0, then rise "
+                         f"strictly from stream 1 on")
     paths: set[Path] = {Path(INIT_ROW, 0, "keep")}
     for k, start in enumerate(starts):
-        if k > 0:  # spawned by the next finer stream (by the init cell when it starts at row 0)
+        if k > 0:
             paths.add(Path(start - 1, k - 1, "down"))
         paths.update(Path(r, k, "keep") for r in range(start, layers))
-    exchange_rows = [r for r in range(layers - 1) if (r + 1) % exchange_every == 0]
     for r in exchange_rows:
-        for k in range(NUM_SCALES - 1):
-            if starts[k + 1] <= r:  # both neighbours already run in row r
+        for k in range(len(starts) - 1):
+            if starts[k + 1] <= r < layers - 1:  # both neighbours run in row r, and a row follows
                 paths.update({Path(r, k, "down"), Path(r, k + 1, "up")})
-    return Route(layers, frozenset(paths), name="hrnet-v2",
-                 description=f"HRNetV2: streams at 1/4, 1/8, 1/16, 1/32 start at rows {starts}, "
-                             f"exchange in rows {exchange_rows}, all reach the decoder")
+    return frozenset(paths)
+
+
+def hrnet_v2(layers: int, *, exchange_every: int = 4, starts: Sequence[int] | None = None,
+             first_exchange: int | None = None) -> Route:
+    """Parallel streams at all scales, exchanging between neighbours every `exchange_every` rows.
+
+    Args:
+        layers: rows L.
+        exchange_every: rows between two exchanges.
+        starts: the row where each of the four streams starts; `hrnet_spawn_rows(layers)` if None.
+        first_exchange: the first exchange row; `exchange_every - 1` if None.
+    """
+    if exchange_every < 1:
+        raise ValueError(f"hrnet_v2: exchange_every={exchange_every} must be at least 1")
+    starts = list(starts) if starts is not None else hrnet_spawn_rows(layers)
+    first = exchange_every - 1 if first_exchange is None else first_exchange
+    return _hrnet_route("hrnet-v2", layers, starts, range(first, layers - 1, exchange_every))
+
+
+def hrnet_v2_table1(layers: int) -> Route:
+    """HRNetV2 sized to the paper's Table 1 (5.4 M params, 62.5 GFLOPs at L = 16, 1024×2048).
+
+    Found by benchmarks/table1_routes.py: streams start at rows 0, 4, 7, 11 of 16 and exchange
+    every 3 rows from the row stream 1 starts (rows 4, 7, 10, 13). Other depths scale the rows.
+    """
+    starts = [0]
+    for k, at16 in enumerate(_HRNET_TABLE1_STARTS[1:], start=1):
+        row = max(k - 1, round(at16 * layers / 16))
+        starts.append(max(row, starts[-1] + 1) if k > 1 else row)
+    every = max(1, round(_HRNET_TABLE1_EXCHANGE_EVERY * layers / 16))
+    return _hrnet_route("hrnet-v2-table1", layers, starts,
+                        range(starts[1], layers - 1, every))
+
+
+def _hrnet_route(name: str, layers: int, starts: Sequence[int], exchange_rows: Iterable[int]
+                 ) -> Route:
+    paths = hrnet_paths(layers, starts, exchange_rows)
+    done = sorted({p.row for p in paths if p.direction == "up"})
+    return Route(layers, paths, name=name,
+                 description=f"HRNetV2: streams at 1/4, 1/8, 1/16, 1/32 start at rows "
+                             f"{list(starts)}, exchange in rows {done}, all reach the decoder")
 
 
 def auto_deeplab(layers: int) -> Route:
@@ -220,6 +296,7 @@ STATIC_ROUTES: dict[str, Callable[[int], Route]] = {
     "deeplab-v3": deeplab_v3,
     "unet": unet,
     "hrnet-v2": hrnet_v2,
+    "hrnet-v2-table1": hrnet_v2_table1,
     "auto-deeplab": auto_deeplab,
 }
 

@@ -14,6 +14,7 @@ import torch
 
 from dynroute.models import NetworkConfig, Route, build_network
 from dynroute.models.route_statistics import RouteStatistics
+from dynroute.models.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,3 +155,42 @@ def test_gpu_session_refuses_a_baseline_that_is_not_a_models_folder(tmp_path):
     assert res.returncode == 2
     assert "has no network.py" in res.stderr and str(tmp_path) in res.stderr
     assert not (tmp_path / "out").exists(), "nothing run, nothing written"
+
+
+def _table1_summary(route_dict):
+    """Params and GFLOPs of a printed route, from the built static network (L=16, 1024×2048)."""
+    route = Route.from_dict(route_dict)
+    network = build_network(NetworkConfig(layers=16, gate="fixed", route=route))
+    report = summarize(network, 1024, 2048)
+    return route, report["params"], report["gflops"]
+
+
+def test_table1_routes_smoke_claims_hold_when_recomputed(tmp_path):
+    out = tmp_path / "table1.json"
+    res = subprocess.run([sys.executable, "benchmarks/table1_routes.py", "--smoke", "--json",
+                          str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    networks = {n["network"]: n for n in json.loads(out.read_text())["networks"]}
+    assert set(networks) == {"FCN-32s", "DeepLabV3", "U-Net", "HRNetV2", "Auto-DeepLab"}
+    for name, n in networks.items():
+        assert name in res.stdout
+        paper = n["paper"]
+        for claim in [n["best"], n.get("outside_pattern")]:
+            if claim is None:
+                continue
+            _, params, gflops = _table1_summary(claim["route"])
+            assert (params, gflops) == (claim["params"], pytest.approx(claim["gflops"]))
+            errors = (params / (paper["params_m"] * 1e6) - 1, gflops / paper["gflops"] - 1)
+            assert claim["within"] == (max(abs(e) for e in errors) <= 0.05), (name, errors)
+        # A network is either matched or comes with the reasons why it cannot be.
+        assert n["best"]["within"] == (not n["reasons"]) == (n["within_count"] > 0)
+    assert networks["HRNetV2"]["best"]["within"]
+    # The single-path bound is a single path of the space and falls short of each paper figure.
+    bound = networks["FCN-32s"]["single_path_bound"]
+    route, _, gflops = _table1_summary(bound["route"])
+    assert all(len({k for r, k in route.cells if r == row}) == 1 for row in range(16))
+    assert gflops == pytest.approx(bound["gflops"])
+    for name in ("FCN-32s", "DeepLabV3", "Auto-DeepLab"):
+        assert networks[name]["single_path_bound"]["route"] == bound["route"]
+        assert gflops < 0.95 * networks[name]["paper"]["gflops"]
+        assert any("no single path" in r for r in networks[name]["reasons"])

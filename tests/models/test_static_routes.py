@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+from dynroute.models.builder import NetworkConfig, build_network
 from dynroute.models.routes import Route
 from dynroute.models.routing_space import INIT_ROW, Path
 from dynroute.models.static_routes import (
     STATIC_ROUTES,
     chain,
+    hrnet_paths,
     hrnet_spawn_rows,
     hrnet_v2,
     static_route,
+    unet_paths,
 )
+from dynroute.models.summary import summarize
 
 LAYERS = (4, 5, 8, 16, 33)
 NAMES = sorted(STATIC_ROUTES)
@@ -49,7 +53,7 @@ def test_every_named_route_is_valid(name: str, layers: int) -> None:
 
 def test_names_match_the_documented_set() -> None:
     assert set(STATIC_ROUTES) == {"network-fix", "fcn-32s", "deeplab-v3", "unet", "hrnet-v2",
-                                  "auto-deeplab"}
+                                  "hrnet-v2-table1", "auto-deeplab"}
 
 
 @pytest.mark.parametrize("layers", LAYERS)
@@ -158,6 +162,53 @@ def test_hrnet_v2_exchange_every_is_a_keyword() -> None:
 def test_hrnet_v2_spawns_from_the_init_cell_when_a_stream_starts_at_row_0() -> None:
     assert hrnet_spawn_rows(4)[1] == 0
     assert Path(INIT_ROW, 0, "down") in static_route("hrnet-v2", 4).paths
+
+
+def test_hrnet_v2_stream_starts_and_first_exchange_are_keywords() -> None:
+    route = hrnet_v2(16, starts=[0, 4, 7, 11], exchange_every=3, first_exchange=1)
+    # Row 1 is an exchange row, but only stream 0 runs there: nothing to exchange.
+    assert sorted({p.row for p in route.paths if p.direction == "up"}) == [4, 7, 10, 13]
+    assert [min(r for r, k in route.cells if k == s) for s in range(4)] == [-1, 4, 7, 11]
+    with pytest.raises(ValueError, match="rise strictly"):
+        hrnet_v2(16, starts=[0, 4, 4, 11])
+
+
+def test_hrnet_paths_lets_stream_1_start_at_row_0_from_the_init_cell() -> None:
+    paths = hrnet_paths(8, [0, 0, 1, 2], [])
+    assert Path(INIT_ROW, 0, "down") in paths and Path(1, 2, "down") in paths
+    assert Route(8, paths).decoder_scales() == (0, 1, 2, 3)
+
+
+# Paper Table 1 at L = 16, 1024×2048 (params, GFLOPs) of the routes sized to it
+# (benchmarks/table1_routes.py; the other four networks have no route within 5%).
+TABLE1 = {"hrnet-v2-table1": (5.4e6, 62.5)}
+
+
+@pytest.mark.parametrize(("name", "paper"), TABLE1.items())
+def test_table1_routes_are_within_5_percent_of_the_paper(name: str, paper: tuple) -> None:
+    params, gflops = paper
+    route = static_route(name, 16)
+    network = build_network(NetworkConfig(layers=16, gate="fixed", route=route))
+    report = summarize(network, 1024, 2048)
+    assert report["params"] == pytest.approx(params, rel=0.05)
+    assert report["gflops"] == pytest.approx(gflops, rel=0.05)
+
+
+def test_hrnet_v2_table1_at_16_rows() -> None:
+    route = static_route("hrnet-v2-table1", 16)
+    assert [min(r for r, k in route.cells if k == s) for s in range(1, 4)] == [4, 7, 11]
+    assert sorted({p.row for p in route.paths if p.direction == "up"}) == [4, 7, 10, 13]
+    assert route.decoder_scales() == (0, 1, 2, 3)
+
+
+def test_unet_paths_skip_from_the_init_cell_and_on_to_the_decoder() -> None:
+    # No 1/4 encoder row: the 1/4 skip leaves the init cell. The path comes back to 1/16 only,
+    # so the 1/4 and 1/8 skips run to the last row and the decoder fuses them.
+    route = Route(16, unet_paths(16, [0, 5, 1, 7], [3]))
+    assert {Path(r, 0, "keep") for r in range(INIT_ROW, 16)} <= route.paths
+    assert {Path(r, 1, "keep") for r in range(4, 16)} <= route.paths
+    assert {Path(r, 2, "keep") for r in range(5, 13)} <= route.paths  # 1/16 row 5 → row 13
+    assert route.decoder_scales() == (0, 1, 2)
 
 
 @pytest.mark.parametrize("layers", LAYERS)
