@@ -191,7 +191,8 @@ def data_prepare(
     workers: Annotated[int | None, typer.Option(help="Decoding processes (default: cores).")]
     = None,
     metrics: Annotated[Path | None, typer.Option(
-        help="Also write counts and class statistics here (a DVC metrics file).")] = None,
+        help="Also write the dataset, class count and images per split here (a DVC metrics "
+             "file); class statistics are in the prepared folder.")] = None,
 ) -> None:
     """Validate a raw Cityscapes or VOC+SBD folder and write Parquet shards, atomically."""
     bars: dict[str, Progress] = {}
@@ -259,7 +260,9 @@ def evaluate_command(
     data: Annotated[Path, typer.Option(help="Prepared dataset (path or s3:// URI).")],
     out: Annotated[Path, typer.Option(help="Folder for metrics, tables and plots.")],
     params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
-    metrics: Annotated[Path | None, typer.Option(help="Also write metrics here (DVC).")] = None,
+    metrics: Annotated[Path | None, typer.Option(
+        help="Also write the headline (mIoU, pixel accuracy, GFLOPs mean and p90) here (a DVC "
+             "metrics file); the full summary is OUT/metrics.json.")] = None,
     plots: Annotated[Path | None, typer.Option(
         help="Also write the per-class IoU and per-image GFLOPs tables here (DVC plots).")]
     = None,
@@ -291,9 +294,12 @@ def pareto_command(
     trials: Annotated[Path | None, typer.Option(
         help="The study's trials (default: {tune.results}/trials.json).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for pareto.json and pareto.csv.")]
-    = Path("metrics"),
+    = Path("artifacts/pareto"),
     plots: Annotated[Path, typer.Option(help="Folder for pareto.png and pareto.html.")]
     = Path("artifacts/pareto"),
+    metrics: Annotated[Path | None, typer.Option(
+        help="Also write the headline (hypervolume, front size, the knee's figures) here (a DVC "
+             "metrics file).")] = None,
 ) -> None:
     """The Pareto front of the budget search (mIoU vs real GFLOPs), its knee and hypervolume."""
     from dynroute.pipelines.pareto_stage import TrialsError, format_table, run_pareto
@@ -302,7 +308,8 @@ def pareto_command(
     trials = trials or Path(p.tune.results) / "trials.json"
     try:
         with tracking_uri(p) as uri:
-            outputs = run_pareto(p, trials=trials, out=out, plots=plots, uri=uri)
+            outputs = run_pareto(p, trials=trials, out=out, plots=plots, uri=uri,
+                                 metrics=metrics)
     except (TrialsError, ValueError, FileNotFoundError) as err:
         raise fail(str(err)) from None
     typer.echo(format_table(outputs))
@@ -312,13 +319,14 @@ def pareto_command(
 @app.command("report")
 def report_command(
     params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
-    metrics: Annotated[Path, typer.Option(help="The metrics folder of the pipeline.")]
-    = Path("metrics"),
+    artifacts: Annotated[Path, typer.Option(
+        help="The pipeline's artifacts folder (eval/, pareto/, registry.json).")]
+    = Path("artifacts"),
 ) -> None:
     """What the main job produced: evaluation, Pareto front, registered versions, the UI."""
     from dynroute.pipelines.report import report
 
-    typer.echo(report(load_params(params), metrics=metrics))
+    typer.echo(report(load_params(params), artifacts=artifacts))
 
 
 @app.command("settings")

@@ -34,9 +34,12 @@ def _registry_figure(value: float, spec: str = ".4g") -> str:
 def register_command(
     params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
     pareto: Annotated[Path, typer.Option(help="The pareto stage's front (pareto.json).")]
-    = Path("metrics/pareto.json"),
+    = Path("artifacts/pareto/pareto.json"),
     out: Annotated[Path, typer.Option(help="Write the registry summary here (JSON).")]
-    = Path("metrics/registry.json"),
+    = Path("artifacts/registry.json"),
+    metrics: Annotated[Path | None, typer.Option(
+        help="Also write the headline (versions on the front, the knee's version) here (a DVC "
+             "metrics file).")] = None,
 ) -> None:
     """Register the Pareto front as versions of one model per dataset, with tags and aliases.
 
@@ -48,7 +51,7 @@ def register_command(
     p = load_params(params)
     try:
         with tracking_uri(p) as uri:
-            state = run_register(p, pareto=pareto, uri=uri, out=out)
+            state = run_register(p, pareto=pareto, uri=uri, out=out, metrics=metrics)
     except _registry_errors() as err:
         raise fail(str(err)) from None
     front = [v for v in state.versions if v.pareto]

@@ -4,7 +4,8 @@ Writes `pareto.json` + `pareto.csv` (pareto.analysis.write_front; the CSV is the
 against GFLOPs), a PNG and an interactive HTML page, and logs all of them with the front's
 figures (hypervolume, size) to the study's parent run in MLflow. Each point carries its trial's
 record in `meta` (the registry reads model URIs, λ2/μ and the figures from there), plus the data
-hash, git commit and dataset of this run.
+hash, git commit and dataset of this run. The DVC metrics file holds only the front's headline
+(`headline`): what `dvc exp show` compares across experiments.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from dynroute.platform import metrics as M
 from dynroute.platform.config.params import Params
 from dynroute.platform.data.shards import read_manifest
+from dynroute.platform.files import write_json_atomic
 from dynroute.platform.pareto.analysis import ParetoSummary, Point, write_front
 from dynroute.platform.pareto.plots import front_html, plot_front
 from dynroute.platform.tracking import runs
@@ -77,9 +79,9 @@ def _number(value) -> float:
 
 
 def run_pareto(params: Params, *, trials: Path, out: Path, plots: Path,
-               uri: str | None) -> ParetoOutputs:
-    """Write the front of `trials` to `out` (pareto.json, pareto.csv) and `plots` (PNG, HTML);
-    log them to the study's parent MLflow run when tracking is on."""
+               uri: str | None, metrics: Path | None = None) -> ParetoOutputs:
+    """Write the front of `trials` to `out` (pareto.json, pareto.csv), `plots` (PNG, HTML) and
+    its headline to `metrics`; log them to the study's parent MLflow run when tracking is on."""
     document = load_trials(trials)
     manifest = read_manifest(params.data.prepared)
     points = trial_points(document, extra_meta=runs.provenance_tags(
@@ -90,9 +92,25 @@ def run_pareto(params: Params, *, trials: Path, out: Path, plots: Path,
     title = f"Pareto front of {document.get('study', 'the study')}"
     plot_front(points, files["png"], title=title)
     front_html(points, files["html"], title=title)
+    if metrics is not None:
+        write_json_atomic(metrics, headline(summary, points))
     if uri is not None:
         _track(uri, params, document, summary, files)
     return ParetoOutputs(summary=summary, points=points, files=files)
+
+
+def headline(summary: ParetoSummary, points: list[Point]) -> dict:
+    """The front in a few figures (the DVC metrics file): hypervolume, front size, trials, and
+    the knee's trial, mIoU, mean GFLOPs, λ2 and μ (empty when there is no knee)."""
+    knee = summary.knee
+    return {
+        "hypervolume": summary.hypervolume,
+        "front_size": len(summary.front),
+        "trials": len(points),
+        "knee": {} if knee is None else {
+            "trial": knee.id, M.MIOU: knee.miou, M.GFLOPS_MEAN: knee.gflops,
+            "lambda2": knee.meta.get("lambda2"), "mu": knee.meta.get("mu")},
+    }
 
 
 def _track(uri: str, params: Params, document: dict, summary: ParetoSummary,

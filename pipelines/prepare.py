@@ -20,7 +20,6 @@ through a process pool in a fixed order (deterministic output), the output appea
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dynroute.platform.data.shards import CLASS_STATS, Manifest, ShardWriter, read_manifest
+from dynroute.platform.data.shards import Manifest, ShardWriter, read_manifest
 
 from .labels import (
     CITYSCAPES_CLASSES,
@@ -315,15 +314,13 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def data_metrics(out: Path) -> dict:
-    """Counts and class frequencies of a prepared dataset, for `dvc metrics show`."""
+    """The headline figures of a prepared dataset, for `dvc metrics show` / `dvc exp show`:
+    dataset, class count and images per split. The detail (pixels and frequency per class,
+    ignored pixels) stays in the dataset's class_stats.json (`shards.CLASS_STATS`), one column per
+    class being too many for a table that compares experiments."""
     manifest = read_manifest(str(out))
-    stats = json.loads((Path(out) / CLASS_STATS).read_text())
     return {
         "dataset": manifest.dataset,
-        "content_hash": manifest.content_hash,
-        **{split: {"images": manifest.count(split),
-                   "ignored_fraction": round(entry["ignored_pixels"] / max(
-                       1, entry["ignored_pixels"] + entry["labelled_pixels"]), 6),
-                   "frequency": entry["frequency"]}
-           for split, entry in stats.items()},
+        "classes": manifest.num_classes,
+        **{split: {"images": manifest.count(split)} for split in manifest.splits},
     }

@@ -1,7 +1,8 @@
 """Stage handlers of the Pareto-aware registry: params.yaml → `platform.registry` → files.
 
-`run_register` is the `register` DVC stage (pareto.json → registered versions, registry.json);
-`run_select` and `run_predict` back the `dynroute select` and `dynroute predict` commands.
+`run_register` is the `register` DVC stage (pareto.json → registered versions, registry.json, and
+its headline for DVC); `run_select` and `run_predict` back the `dynroute select` and
+`dynroute predict` commands.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from dynroute.platform.config.params import Params
 from dynroute.platform.device.fast_path import inference_device
 from dynroute.platform.evaluate.predict import CLASSES, PredictError, Prediction, predict
+from dynroute.platform.files import write_json_atomic
 from dynroute.platform.registry.front import RegistryError, model_name
 from dynroute.platform.registry.register import RegistryState, register_front
 from dynroute.platform.registry.selection import Selection, select_version
@@ -25,12 +27,23 @@ def _require(uri: str | None) -> str:
     return uri
 
 
-def run_register(params: Params, *, pareto: Path, uri: str | None, out: Path) -> RegistryState:
-    """Register the front of `pareto` (pareto.json) and write the summary to `out` atomically."""
+def run_register(params: Params, *, pareto: Path, uri: str | None, out: Path,
+                 metrics: Path | None = None) -> RegistryState:
+    """Register the front of `pareto` (pareto.json) and write the summary to `out` atomically,
+    its headline (`headline`) to `metrics`."""
     state = register_front(pareto, tracking_uri=_require(uri), name=params.registry.name,
                            budget_edges=params.registry.budget_edges)
     state.write(out)
+    if metrics is not None:
+        write_json_atomic(metrics, headline(state))
     return state
+
+
+def headline(state: RegistryState) -> dict:
+    """The registry in two figures (the DVC metrics file): versions on the front, and which
+    version the `knee` alias names; the versions, aliases and description are in the summary."""
+    return {"versions_on_front": sum(v.pareto for v in state.versions),
+            "knee_version": state.aliases.get("knee")}
 
 
 def run_select(params: Params, *, uri: str | None, max_gflops: float,

@@ -2,7 +2,8 @@
 
 The last step of `make run`: the single training's evaluation, the Pareto front of the budget
 search, the registered versions with their aliases, and how to open the MLflow UI. It reads files
-only (DVC skips finished stages, so their own output may not have been printed this time).
+only (DVC skips finished stages, so their own output may not have been printed this time): the
+stages' full summaries under artifacts/, not the DVC metrics files, which hold only the headline.
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ def _num(value, spec: str = ".4g") -> str:
     return format(value, spec) if isinstance(value, int | float) else "-"
 
 
-def report(params: Params, *, metrics: Path = Path("metrics")) -> str:
+def report(params: Params, *, artifacts: Path = Path("artifacts")) -> str:
     lines: list[str] = []
-    evaluation = _read(metrics / "eval.json")
+    evaluation = _read(artifacts / "eval" / "metrics.json")
     if evaluation:
         res = evaluation.get("cost_resolution") or params.evaluate.cost_resolution
         lines += [f"training '{params.run.name}' ({params.train.budget}): mIoU "
                   f"{_num(evaluation.get('miou'), '.4f')}, real GFLOPs mean "
                   f"{_num(evaluation.get('gflops_mean'))} at {res[0]}x{res[1]}", ""]
-    pareto = _read(metrics / "pareto.json")
+    pareto = _read(artifacts / "pareto" / "pareto.json")
     if pareto is None:
-        lines.append(f"no Pareto front yet ({metrics / 'pareto.json'}): run `dvc repro`")
+        lines.append(f"no Pareto front yet ({artifacts / 'pareto' / 'pareto.json'}): run "
+                     f"`dvc repro`")
     else:
         knee = pareto.get("knee")
         lines += ["Pareto front (mIoU max, real GFLOPs mean min):",
@@ -48,9 +50,9 @@ def report(params: Params, *, metrics: Path = Path("metrics")) -> str:
         lines.append(f"  {len(pareto.get('front', []))} of {len(pareto.get('points', []))} "
                      f"trials on the front; hypervolume {_num(pareto.get('hypervolume'))}")
     lines.append("")
-    registry = _read(metrics / "registry.json")
+    registry = _read(artifacts / "registry.json")
     if registry is None:
-        lines.append(f"no registry summary yet ({metrics / 'registry.json'})")
+        lines.append(f"no registry summary yet ({artifacts / 'registry.json'})")
     else:
         lines += [f"registered model '{registry['name']}':",
                   f"  {'version':>7}  {'trial':<26}{'mIoU':>8}{'GFLOPs':>10}  {'pareto':<7}"

@@ -13,6 +13,7 @@ from pathlib import Path
 from dynroute.models import Route, RouteError
 from dynroute.models.route_statistics import common_x
 from dynroute.pipelines.progress import Progress
+from dynroute.platform import metrics as M
 from dynroute.platform.config.params import Params
 from dynroute.platform.data.dataset import ShardDataset
 from dynroute.platform.data.shards import read_manifest
@@ -23,6 +24,11 @@ from dynroute.platform.files import write_json_atomic
 from dynroute.platform.tracking import runs
 from dynroute.platform.train.checkpoints import load_model
 from dynroute.platform.train.spec import TrackingSpec, TrainSpec
+
+# What the evaluate stage's DVC metrics file holds: the figures `dvc exp show` compares across
+# experiments. The full summary (per-class IoU, gate probabilities, latency, …) is the stage's
+# out `metrics.json` beside the tables and figures.
+EVALUATION_HEADLINE = (M.MIOU, M.PIXEL_ACCURACY, M.GFLOPS_MEAN, M.GFLOPS_P90)
 
 
 def train_spec(params: Params, *, data: str, uri: str | None) -> TrainSpec:
@@ -71,7 +77,7 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
     summary = result.to_dict()
     write_json_atomic(out / "metrics.json", summary)
     if metrics is not None:
-        write_json_atomic(metrics, summary)
+        write_json_atomic(metrics, {k: summary[k] for k in EVALUATION_HEADLINE})
     result.write_per_image(out / "per_image.parquet")
     tables = {
         "per_class_iou.json": [{"class": name, "iou": iou if iou is not None else 0.0}

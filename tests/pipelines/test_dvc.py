@@ -58,12 +58,19 @@ def test_repro_is_reproducible_incremental_and_pushes_to_the_default_remote(tmp_
     sh("dvc", "repro", cwd=a)
     first = manifest(a)
     assert first["splits"]["train"]["count"] == 8 and first["splits"]["val"]["count"] == 3
-    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=a))
-    shown = shown[""]["data"]["metrics/data.json"]["data"]
-    assert shown["train"]["images"] == 8 and shown["content_hash"] == first["content_hash"]
-    evaluation = json.loads(sh("dvc", "metrics", "show", "--json", cwd=a))
-    evaluation = evaluation[""]["data"]["metrics/eval.json"]["data"]
+    # The metrics files hold the headline only (a readable `dvc exp show`); the detail is in the
+    # stages' outs.
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=a))[""]["data"]
+    assert shown["metrics/data.json"]["data"] == {
+        "dataset": "cityscapes", "classes": 19, "train": {"images": 8}, "val": {"images": 3}}
+    evaluation = shown["metrics/eval.json"]["data"]
+    assert set(evaluation) == {"miou", "pixel_accuracy", "gflops_mean", "gflops_p90"}
     assert 0 <= evaluation["miou"] <= 1 and evaluation["gflops_mean"] > 0
+    detail = json.loads((a / "artifacts" / "eval" / "metrics.json").read_text())
+    assert detail["miou"] == evaluation["miou"] and len(detail["per_class_iou"]) == 19
+    assert set(shown["metrics/pareto.json"]["data"]) == {"hypervolume", "front_size", "trials",
+                                                        "knee"}
+    assert set(shown["metrics/registry.json"]["data"]) == {"versions_on_front", "knee_version"}
     assert (a / "artifacts" / "runs" / "train" / "checkpoint_00000006" / "state.pt").is_file()
     plots = sh("dvc", "plots", "show", "--json", cwd=a)
     assert "per_class_iou.json" in plots and "gflops_per_image.json" in plots
@@ -73,16 +80,18 @@ def test_repro_is_reproducible_incremental_and_pushes_to_the_default_remote(tmp_
     trials = json.loads((a / "artifacts" / "tune" / "trials.json").read_text())["trials"]
     assert [t["seeded_from"] for t in trials] == ["dynamic-a", "dynamic-b", "dynamic-c"]
     assert all(t["state"] == "COMPLETE" and 0 <= t["miou"] <= 1 for t in trials)
-    pareto = json.loads((a / "metrics" / "pareto.json").read_text())
+    pareto = json.loads((a / "artifacts" / "pareto" / "pareto.json").read_text())
     front = {p["id"] for p in pareto["front"]}
     assert front and front <= {t["id"] for t in trials}
-    registry = json.loads((a / "metrics" / "registry.json").read_text())
+    assert shown["metrics/pareto.json"]["data"]["knee"]["trial"] == pareto["knee"]
+    registry = json.loads((a / "artifacts" / "registry.json").read_text())
     assert registry["name"] == "dynroute-cityscapes"
     on_front = [v for v in registry["versions"] if v["pareto"]]
     assert {v["trial"] for v in on_front} == front
     assert {"best-miou", "min-gflops", "knee"} <= set(registry["aliases"])
     report = sh("dynroute", "report", cwd=a)
     assert "Pareto front" in report and "best-miou" in report
+    assert f"mIoU {evaluation['miou']:.4f}" in report
 
     # a second run is incremental: nothing is redone
     stamp = (a / "data" / "prepared" / "manifest.json").stat().st_mtime_ns
@@ -106,3 +115,24 @@ def test_repro_is_reproducible_incremental_and_pushes_to_the_default_remote(tmp_
     sh("dvc", "remote", "modify", "--local", "local", "url", str(a / ".dvc-remote"), cwd=c)
     sh("dvc", "pull", cwd=c)
     assert manifest(c) == first
+
+    # An experiment is compared with the committed results, as the README says: its metrics are
+    # read from the DVC cache through its dvc.lock (the metrics files are not in git).
+    sh("dvc", "exp", "run", "evaluate", "-n", "budgeted", "-S", "+train.lambda2=0.8",
+       "-S", "+train.mu=0.1", cwd=a)
+    table = json.loads(sh("dvc", "exp", "show", "--json", cwd=a))
+    rows = {row.get("name") or row["rev"]: row for row in table}
+    head = rows["workspace"]  # the experiment was applied to the workspace
+    baseline = next(row for name, row in rows.items() if name not in ("workspace",))
+    experiment = baseline["experiments"][0]["revs"][0]
+    assert experiment["name"] == "budgeted"
+    for row in (baseline, experiment):
+        figures = row["data"]["metrics"]["metrics/eval.json"]["data"]
+        assert set(figures) == set(evaluation) and figures["gflops_mean"] > 0
+    assert experiment["data"]["params"]["params.yaml"]["data"]["train"]["lambda2"] == 0.8
+    assert head["data"]["metrics"] == experiment["data"]["metrics"]
+    changed = sh("dvc", "exp", "show", "--only-changed", "--drop", ".*/.*", "--csv", cwd=a)
+    columns = changed.splitlines()[0].split(",")
+    assert {"train.lambda2", "train.mu"} <= set(columns) and "dataset" not in columns, columns
+    diff = sh("dvc", "metrics", "diff", "--all", "HEAD", "budgeted", cwd=a)
+    assert "metrics/eval.json" in diff and "miou" in diff

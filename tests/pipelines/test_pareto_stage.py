@@ -69,7 +69,7 @@ def test_front_knee_and_files(project, tmp_path):
     params = load_params(project / "params.yaml")
     trials = write_trials(tmp_path / "trials.json", trials_document())
     outputs = run_pareto(params, trials=trials, out=tmp_path / "m", plots=tmp_path / "p",
-                         uri=None)
+                         uri=None, metrics=tmp_path / "metrics" / "pareto.json")
     assert sorted(p.id for p in outputs.summary.front) == ["s-t000", "s-t001", "s-t003"]
     assert "s-t005" not in {p.id for p in outputs.points}, "failed trials are left out"
     assert [p.id for p in outputs.summary.fronts.invalid] == ["s-t004"]
@@ -90,6 +90,13 @@ def test_front_knee_and_files(project, tmp_path):
     assert table.index("s-t000") < table.index("s-t001") < table.index("s-t003")
     assert "3 on the front of 5 trials (1 without both objectives)" in table
     assert math.isclose(outputs.summary.hypervolume, document["hypervolume"])
+    # the DVC metrics file: the headline only, one column each in `dvc exp show`
+    headline = json.loads((tmp_path / "metrics" / "pareto.json").read_text())
+    assert headline == {"hypervolume": document["hypervolume"], "front_size": 3, "trials": 5,
+                        "knee": {"trial": "s-t001", "miou": front["s-t001"]["miou"],
+                                 "gflops_mean": front["s-t001"]["gflops"],
+                                 "lambda2": front["s-t001"]["meta"]["lambda2"],
+                                 "mu": front["s-t001"]["meta"]["mu"]}}
 
 
 @pytest.mark.parametrize("text, message", [

@@ -75,7 +75,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
             "model_uri": f"runs:/{run_ids[t]}/model", "data_hash": "h" * 64,
             "git_commit": "g" * 40, "dataset": "cityscapes"})
             for i, (t, (miou, gflops)) in enumerate(FIGURES.items())]
-        pareto = root / "metrics" / "pareto.json"
+        pareto = root / "artifacts" / "pareto" / "pareto.json"  # the command's default
         write_front(pareto, pareto.with_suffix(".csv"), points)
         yield Workspace(root=root, params=params, pareto=pareto, server=server,
                         run_ids=run_ids)
@@ -94,7 +94,7 @@ def registered(workspace: Workspace) -> dict:
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
     return {"stdout": result.stdout,
-            "summary": json.loads((workspace.root / "metrics" / "registry.json").read_text())}
+            "summary": json.loads((workspace.root / "artifacts" / "registry.json").read_text())}
 
 
 def test_register_prints_the_table_and_writes_registry_json(workspace, registered):
@@ -118,11 +118,15 @@ def test_register_prints_the_table_and_writes_registry_json(workspace, registere
         assert all(alias in line for alias in row["aliases"]) and "true" in line
 
     again = invoke("register", "--params", workspace.params, "--pareto", workspace.pareto,
-                   "--out", workspace.root / "again.json")
+                   "--out", workspace.root / "again.json",
+                   "--metrics", workspace.root / "headline.json")
     assert again.exit_code == 0, again.output
     assert "(0 new" in again.stdout
     second = json.loads((workspace.root / "again.json").read_text())
     assert second["versions"] == summary["versions"] and second["aliases"] == summary["aliases"]
+    # the DVC metrics file: the headline only
+    assert json.loads((workspace.root / "headline.json").read_text()) == {
+        "versions_on_front": 2, "knee_version": summary["aliases"]["knee"]}
 
 
 def test_register_with_a_bad_pareto_file_fails_clearly(workspace, tmp_path):
