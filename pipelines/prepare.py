@@ -20,6 +20,7 @@ through a process pool in a fixed order (deterministic output), the output appea
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -30,7 +31,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dynroute.platform.data.shards import Manifest, ShardWriter, read_manifest
+from dynroute.platform.data.shards import (
+    Manifest,
+    ShardWriter,
+    read_manifest,
+    write_scene_kinds,
+)
 
 from .labels import (
     CITYSCAPES_CLASSES,
@@ -40,6 +46,7 @@ from .labels import (
     histogram,
     voc_lookup,
 )
+from .synth import META_FILE
 
 DATASETS = ("cityscapes", "voc")
 SPLITS = ("train", "val")
@@ -283,11 +290,31 @@ def prepare(dataset: str, raw: Path, out: Path, *, rows_per_shard: int = 500,
                 writer.write_split(split, rows(), total=len(samples))
                 stats[split] = _class_stats(counts, classes, len(samples))
         writer.finish(stats)
+        kinds = scene_kinds(raw, splits)
+        if kinds:
+            write_scene_kinds(tmp, kinds)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return read_manifest(str(out))
+
+
+def scene_kinds(raw: Path, splits: dict[str, list[Sample]]) -> dict[str, str]:
+    """"<split>/<id>" → scene kind of each prepared sample, from the synthetic set's META_FILE
+    (none for real data). The file keys images by the raw set they came from, which for VOC is
+    not the prepared split (voc_val is val; SBD and voc_train make train), so ids are matched."""
+    meta = raw / META_FILE
+    if not meta.is_file():
+        return {}
+    try:
+        images = json.loads(meta.read_text())["images"]
+        by_id = {key.rpartition("/")[2]: entry["kind"] for key, entry in images.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{meta} is damaged ({err!r}); generate the synthetic set again "
+                        f"(dynroute data synth) or remove the file") from None
+    return {f"{split}/{s.id}": by_id[s.id] for split, samples in splits.items()
+            for s in samples if s.id in by_id}
 
 
 def _class_stats(counts: np.ndarray, classes: tuple[str, ...], images: int) -> dict:

@@ -32,7 +32,8 @@ def report(params: Params, *, artifacts: Path = Path("artifacts")) -> str:
         res = evaluation.get("cost_resolution") or params.evaluate.cost_resolution
         lines += [f"training '{params.run.name}' ({params.train.budget}): mIoU "
                   f"{_num(evaluation.get('miou'), '.4f')}, real GFLOPs mean "
-                  f"{_num(evaluation.get('gflops_mean'))} at {res[0]}x{res[1]}", ""]
+                  f"{_num(evaluation.get('gflops_mean'))} at {res[0]}x{res[1]}; per image "
+                  f"{_spread(evaluation)}", *_kind_lines(evaluation.get("by_kind")), ""]
     pareto = _read(artifacts / "pareto" / "pareto.json")
     if pareto is None:
         lines.append(f"no Pareto front yet ({artifacts / 'pareto' / 'pareto.json'}): run "
@@ -50,6 +51,7 @@ def report(params: Params, *, artifacts: Path = Path("artifacts")) -> str:
         lines.append(f"  {len(pareto.get('front', []))} of {len(pareto.get('points', []))} "
                      f"trials on the front; hypervolume {_num(pareto.get('hypervolume'))}")
     lines.append("")
+    lines += search_lines(params, pareto.get("knee") if pareto else None)
     registry = _read(artifacts / "registry.json")
     if registry is None:
         lines.append(f"no registry summary yet ({artifacts / 'registry.json'})")
@@ -72,3 +74,58 @@ def report(params: Params, *, artifacts: Path = Path("artifacts")) -> str:
     elif params.tracking.uri != "none":
         lines.append(f"MLflow UI: {params.tracking.uri}")
     return "\n".join(lines)
+
+
+def _spread(figures: dict) -> str:
+    return (f"GFLOPs min {_num(figures.get('gflops_min'))} / p50 "
+            f"{_num(figures.get('gflops_p50'))} / max {_num(figures.get('gflops_max'))}")
+
+
+def _kind_lines(by_kind: dict | None) -> list[str]:
+    """One line per scene kind (evaluation.py `by_kind`): how its images' routes differ."""
+    return [f"  {kind:<6} scenes: {entry['images']:>3} images, GFLOPs mean "
+            f"{_num(entry['gflops_mean'])} ({_num(entry['gflops_min'])}–"
+            f"{_num(entry['gflops_max'])}), {_num(entry['paths_open_mean'], '.1f')} paths open"
+            for kind, entry in (by_kind or {}).items()]
+
+
+def search_lines(params: Params, knee: str | None) -> list[str]:
+    """Where each trial's budget ended (trials.json, `trials_file.budget_end`), the cost floor no
+    budget goes below, and the knee's per-image spread and routes per scene kind."""
+    if "://" in params.tune.results:
+        return []
+    document = _read(Path(params.tune.results) / "trials.json")
+    if document is None:
+        return []
+    done = [t for t in document.get("trials", []) if t.get("state") == "COMPLETE"]
+    if not done:
+        return []
+    lines = ["Budget search: where each trial's budget ended (E/C_all, the expected cost over "
+             "the all-open one, against its target μ):",
+             f"  {'trial':<26}{'λ2':>6}{'μ':>6}{'E/C_all':>9}  {'budget':<8}{'GFLOPs':>8}"
+             f"{'×open':>7}{'mIoU':>8}"]
+    floors = set()
+    for trial in done:
+        end = trial.get("budget_end") or {}
+        status = end.get("status") or ("none" if not trial.get("lambda2") else "-")
+        lines.append(f"  {trial['id']:<26}{_num(trial.get('lambda2'), '.2f'):>6}"
+                     f"{_num(trial.get('mu'), '.2f'):>6}{_num(end.get('cost_ratio'), '.3f'):>9}  "
+                     f"{status:<8}{_num(trial.get('gflops_mean'), '.4f'):>8}"
+                     f"{_num(end.get('real_fraction'), '.2f'):>7}"
+                     f"{_num(trial.get('miou'), '.4f'):>8}")
+        if end.get("floor_fraction") is not None:
+            floors.add((round(trial["gflops_floor"], 4), round(trial["gflops_all_open"], 4),
+                        round(end["floor_fraction"], 3)))
+    tolerance = next((t["budget_end"]["tolerance"] for t in done if t.get("budget_end")), None)
+    if tolerance is not None:
+        lines.append(f"  budget: reached (E/C_all within {tolerance} of μ at the last step), or "
+                     f"stayed above or below it; none: no budget (λ2 = 0)")
+    for floor, all_open, fraction in sorted(floors):
+        lines.append(f"  every gate closed, an image still costs {floor:.4g} GFLOPs ({fraction:.2f}"
+                     f"× the {all_open:.4g} with every path open): the stem, decoder, head and "
+                     f"gates, which no budget removes")
+    knee_trial = next((t for t in done if t["id"] == knee), None)
+    if knee_trial is not None:
+        lines += [f"knee {knee}: per image {_spread(knee_trial)}",
+                  *_kind_lines(knee_trial.get("by_kind"))]
+    return [*lines, ""]

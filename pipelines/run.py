@@ -16,7 +16,7 @@ from dynroute.pipelines.progress import Progress
 from dynroute.platform import metrics as M
 from dynroute.platform.config.params import Params
 from dynroute.platform.data.dataset import ShardDataset
-from dynroute.platform.data.shards import read_manifest
+from dynroute.platform.data.shards import read_manifest, read_scene_kinds
 from dynroute.platform.device.fast_path import inference_device
 from dynroute.platform.evaluate.evaluation import TTA, evaluate
 from dynroute.platform.evaluate.plots import plot_gate_probability, plot_route
@@ -73,7 +73,8 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
                       prediction_format=manifest.dataset if save_predictions else None,
                       progress=Progress(f"evaluate {settings.split}"), warmup=1,
                       fast=settings.fast, device=device,
-                      loader_workers=settings.loader_workers)
+                      loader_workers=settings.loader_workers,
+                      scene_kinds=read_scene_kinds(data, settings.split))
     summary = result.to_dict()
     write_json_atomic(out / "metrics.json", summary)
     if metrics is not None:

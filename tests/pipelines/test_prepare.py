@@ -17,7 +17,13 @@ from scipy.io import savemat
 
 from dynroute.pipelines.labels import CITYSCAPES_CLASSES, VOC_CLASSES, cityscapes_lookup
 from dynroute.pipelines.prepare import DataError, prepare
-from dynroute.platform.data.shards import CLASS_STATS, read_manifest, verify_shards
+from dynroute.platform.data.shards import (
+    CLASS_STATS,
+    SCENE_KINDS,
+    read_manifest,
+    read_scene_kinds,
+    verify_shards,
+)
 
 H, W = 24, 40
 # label ids: 7 road (train 0), 26 car (13), 23 sky (10), 0 unlabeled (ignore), 1 ego vehicle
@@ -316,3 +322,36 @@ def test_sbd_holding_voc_val_images_is_not_a_duplicate(tmp_path):
     (raw / "benchmark_RELEASE" / "dataset" / "val.txt").write_text("2010_000020\n2008_000004\n")
     manifest = prepare("voc", raw, tmp_path / "out", workers=1)
     assert manifest.count("train") == 4 and manifest.count("val") == 2
+
+
+@pytest.mark.parametrize("dataset", ["cityscapes", "voc"])
+def test_the_synthetic_scene_kinds_are_kept_by_prepared_split(tmp_path, dataset):
+    """synth_meta.json keys images by the raw set (for VOC voc_val, sbd_train…); the prepared
+    folder keys them by the prepared split, which is what the evaluation reads."""
+    from dynroute.pipelines.synth import synthesize
+    from dynroute.platform.data.dataset import ShardDataset
+
+    raw, out = tmp_path / "raw", tmp_path / "prepared"
+    extra = {"sbd_train": 2, "sbd_val": 1} if dataset == "voc" else {}
+    synthesize(dataset, raw, train=4, val=3, height=64, width=64, seed=2, **extra)
+    prepare(dataset, raw, out, workers=1)
+    meta = json.loads((raw / "synth_meta.json").read_text())["images"]
+    kind_of = {key.rpartition("/")[2]: entry["kind"] for key, entry in meta.items()}
+    for split in ("train", "val"):
+        ids = [s["id"] for s in ShardDataset(root=str(out), split=split, train=False,
+                                             crop=None)]
+        assert read_scene_kinds(str(out), split) == {i: kind_of[i] for i in ids}
+
+
+def test_real_data_has_no_scene_kinds_and_a_damaged_meta_file_is_refused(tmp_path):
+    raw = make_cityscapes(tmp_path / "raw")
+    prepare("cityscapes", raw, tmp_path / "out", workers=1)
+    assert read_scene_kinds(str(tmp_path / "out"), "val") is None
+    assert not (tmp_path / "out" / SCENE_KINDS).exists()
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*")) if p.is_file()}
+    (raw / "synth_meta.json").write_text('{"images": ')
+    res = _prepare_cli("cityscapes", raw, tmp_path / "out")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"{raw / 'synth_meta.json'} is damaged" in res.stderr, res.stderr
+    after = {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*")) if p.is_file()}
+    assert after == before
