@@ -347,12 +347,19 @@ def ui_command(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
     """Serve the MLflow UI over the local tracking store (tracking.uri: local) until Ctrl-C."""
+    # Lazy, as the stage modules are (module docstring): the tracker loads MLflow.
+    from dynroute.platform.tracking.tracker import experiment_page
+
     p = load_params(params)
     if p.tracking.uri != "local":
         raise fail(f"tracking.uri is {p.tracking.uri!r}: open that server's UI instead")
     try:
         with MlflowServer(root=Path(p.tracking.dir), port=port) as server:
             typer.echo(f"MLflow UI at {server.uri} (Ctrl-C stops it)")
+            page = experiment_page(server.uri, p.tracking.experiment)
+            if page is not None:
+                typer.echo(f"the runs of experiment '{p.tracking.experiment}' (Model training "
+                           f"view): {page}")
             while server.running:
                 time.sleep(1)
     except MlflowServerError as err:

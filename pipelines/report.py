@@ -69,8 +69,8 @@ def report(params: Params, *, artifacts: Path = Path("artifacts")) -> str:
     lines.append("")
     if params.tracking.uri == "local":
         lines.append("MLflow UI (runs, the study's trials and their scatter, the registered "
-                     "versions):\n  .venv/bin/dynroute ui   # then open http://127.0.0.1:5000 "
-                     "(Ctrl-C stops it)")
+                     "versions):\n  .venv/bin/dynroute ui   # then open the address it prints, "
+                     "the runs in the Model training view (Ctrl-C stops it)")
     elif params.tracking.uri != "none":
         lines.append(f"MLflow UI: {params.tracking.uri}")
     return "\n".join(lines)

@@ -50,6 +50,7 @@ from dynroute.platform.tracking.client import (
     MAX_TAG_VALUE_CHARS,
     PARAMS_TAGS_PER_BATCH,
     configure_http_client,
+    mlflow_client,
     storing,
     truncate,
 )
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
 
     from dynroute.models import NetworkConfig
 
-__all__ = ["RunStatus", "Tracker"]
+__all__ = ["EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "RunStatus", "Tracker", "experiment_page"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,31 @@ RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 _RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 _NO_TAGS: Mapping[str, str] = MappingProxyType({})
+
+# The experiment's declared type, MLflow 3's `mlflow.experimentKind` tag (key and values read in
+# MLflow 3.17.2's UI bundle, whose type selector writes it; `mlflow.demo` sets the GenAI one). Our
+# experiments hold training runs, so the tracker declares `custom_model_development` on the
+# experiments it creates, and on existing ones with no type or one the UI only inferred
+# (`*_inferred`, `no_inferred_type`); a type someone chose is kept. MLflow 3.17.2's own UI opens
+# an experiment on the view of its GenAI / Model training switch (the browser remembers it,
+# `?workflowType=` overrides it) and not on this tag, so `experiment_page` gives the address of
+# the training view (measured in Chromium; see the README, "MLflow UI").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def _kind_chosen(kind: str | None) -> bool:
+    return bool(kind) and not kind.endswith("_inferred") and kind != "no_inferred_type"
+
+
+def experiment_page(uri: str, experiment: str) -> str | None:
+    """The UI address of `experiment`'s runs in the Model training view, on the tracking server
+    at `uri` (None when it has no such experiment)."""
+    found = mlflow_client(uri).get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{found.experiment_id}/runs?{TRAINING_VIEW}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +156,8 @@ class Tracker:
             found = self._client.get_experiment_by_name(self.experiment)
             if found is None:
                 try:
-                    self._experiment_id = self._client.create_experiment(self.experiment)
+                    self._experiment_id = self._client.create_experiment(
+                        self.experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
                 except MlflowException:
                     # Another process (a parallel trial) may have created it just now.
                     found = self._client.get_experiment_by_name(self.experiment)
@@ -138,6 +165,9 @@ class Tracker:
                         raise
             if found is not None:
                 self._experiment_id = found.experiment_id
+                if not _kind_chosen(found.tags.get(EXPERIMENT_KIND_TAG)):
+                    self._client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG,
+                                                    EXPERIMENT_KIND)
         assert self._experiment_id is not None
         return self._experiment_id
 

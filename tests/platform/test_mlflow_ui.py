@@ -7,7 +7,9 @@ versions of one registered model: two on the front and one that left it (tagged 
 with the aliases `best-miou`, `min-gflops` and `knee`. Headless Chromium (Debian's package, driven
 by Playwright) then opens the SPA's own hash routes and the test waits for the rendered text:
 
-* `#/experiments/<id>/runs`: the study run, and its trial runs once the study row is expanded;
+* `#/experiments/<id>/runs?workflowType=machine_learning` (what `dynroute ui` prints: the
+  Model training view, not the GenAI overview MLflow 3.17.2 opens by default): the study run, and
+  its trial runs once the study row is expanded;
 * `#/models/<name>`: versions 1-3 and the three aliases.
 
 Routes read from MLflow 3.17.2's bundle (`mlflow/server/js/build/static/js/main.*.js`, a
@@ -41,7 +43,7 @@ from dynroute.platform.pareto.analysis import Point, write_front
 from dynroute.platform.registry.front import ALIAS_BEST_MIOU, ALIAS_KNEE, ALIAS_MIN_GFLOPS
 from dynroute.platform.registry.register import register_front
 from dynroute.platform.tracking.server import MlflowServer
-from dynroute.platform.tracking.tracker import Tracker
+from dynroute.platform.tracking.tracker import Tracker, experiment_page
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -266,6 +268,8 @@ def study(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Stu
     assert state.aliases[ALIAS_MIN_GFLOPS] == versions["t0"]
     experiment = MlflowClient(tracking_uri=server.uri).get_experiment_by_name(EXPERIMENT)
     assert experiment is not None
+    # The tracker declared it a model-training experiment (MLflow 3's experiment type tag).
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
     return Study(uri=server.uri, experiment_id=experiment.experiment_id, run_ids=run_ids,
                  model=name, versions=versions,
                  pareto={v.version: v.pareto for v in state.versions}, aliases=dict(state.aliases))
@@ -276,8 +280,13 @@ def study(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Stu
 
 
 def check_runs_page(page, study: Study, shots: Screenshots) -> None:
-    """The experiment's runs table lists the study run and, expanded, every trial run."""
-    page.goto(f"{study.uri}/#/experiments/{study.experiment_id}/runs")
+    """The address `dynroute ui` prints opens the experiment's runs in the Model training view
+    (MLflow 3.17.2 opens an experiment on its GenAI overview unless told otherwise); the runs table
+    lists the study run and, expanded, every trial run."""
+    address = experiment_page(study.uri, EXPERIMENT)
+    assert address == (f"{study.uri}/#/experiments/{study.experiment_id}/runs"
+                       f"?workflowType=machine_learning")
+    page.goto(address)
     try:
         study_row = page.locator("[role=row]", has_text=STUDY_RUN)
         study_row.first.wait_for(timeout=UI_TIMEOUT_MS)
@@ -292,6 +301,8 @@ def check_runs_page(page, study: Study, shots: Screenshots) -> None:
         shown = {rows.nth(i).get_attribute("row-id") for i in range(rows.count())}
         # The rows are the runs themselves, not look-alike text.
         assert set(study.run_ids.values()) <= shown, (study.run_ids, shown)
+        assert "/runs" in page.url and "/overview" not in page.url, page.url
+        assert "workflowType=machine_learning" in page.url, page.url
     finally:
         shots.take(page, "experiment-runs")
 

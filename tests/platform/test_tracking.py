@@ -30,7 +30,7 @@ from dynroute.platform.tracking.client import MAX_PARAM_VALUE_CHARS
 from dynroute.platform.tracking.metric_sender import MetricsNotDelivered
 from dynroute.platform.tracking.model_logging import file_sha256, load_network
 from dynroute.platform.tracking.server import MlflowServer, MlflowServerError
-from dynroute.platform.tracking.tracker import Tracker
+from dynroute.platform.tracking.tracker import Tracker, experiment_page
 
 server_test = pytest.mark.slow
 
@@ -228,6 +228,31 @@ def test_a_second_top_level_run_is_refused(tracker: Tracker) -> None:
     with pytest.raises(RuntimeError, match="still active"):
         tracker.start_run(run_name="second")
     tracker.end_run()
+
+
+@server_test
+def test_the_experiment_declares_itself_a_model_training_one(server: MlflowServer,
+                                                             client: MlflowClient) -> None:
+    """MLflow 3's experiment type tag (values from MLflow 3.17.2's UI bundle): set on an
+    experiment the tracker creates, and on an existing one without a type or with one the UI only
+    inferred; a type someone chose is left alone."""
+    tag, training = "mlflow.experimentKind", "custom_model_development"
+    existing = {"untyped": {}, "inferred": {tag: "genai_development_inferred"},
+                "chosen": {tag: "genai_development"}}
+    for name, tags in existing.items():
+        client.create_experiment(f"kind-{name}", tags=tags)
+    for name in ("new", *existing):
+        with Tracker(uri=server.uri, experiment=f"kind-{name}").run(run_name="r"):
+            pass
+    kinds = {name: client.get_experiment_by_name(f"kind-{name}").tags.get(tag)
+             for name in ("new", *existing)}
+    assert kinds == {"new": training, "untyped": training, "inferred": training,
+                     "chosen": "genai_development"}
+    # the UI address of the runs in the Model training view (`dynroute ui` prints it)
+    new = client.get_experiment_by_name("kind-new").experiment_id
+    assert experiment_page(server.uri, "kind-new") == (
+        f"{server.uri}/#/experiments/{new}/runs?workflowType=machine_learning")
+    assert experiment_page(server.uri, "kind-absent") is None
 
 
 @server_test
