@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dynroute.platform import metrics as M
 from dynroute.platform.search.study import (
+    BUDGET_KEYS,
     BY_KIND,
     REPORT_KEYS,
     RUN_NAME_ATTR,
@@ -47,7 +48,7 @@ def trial_records(search: SearchSpec, base: TrainSpec, study) -> list[dict]:
             "seeded_from": attrs.get(SEEDED_ATTR), "params": dict(t.params),
             "lambda2": lambda2, "mu": mu,
             "iterations": search.iterations,
-            **{k: attrs.get(k) if complete else None for k in REPORT_KEYS},
+            **{k: attrs.get(k) if complete else None for k in (*REPORT_KEYS, *BUDGET_KEYS)},
             "checkpoint": attrs.get("checkpoint") if complete else None,
             "mlflow_run_id": run_id,
             "model_uri": f"runs:/{run_id}/model" if complete and run_id else None,

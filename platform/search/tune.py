@@ -135,8 +135,9 @@ class _StudySearch(OptunaSearch):
             for key in BUDGET_KEYS:
                 if isinstance(result.get(key), int | float):
                     ot_trial.set_user_attr(key, float(result[key]))
-            if isinstance(result.get(BY_KIND), dict):
-                ot_trial.set_user_attr(BY_KIND, result[BY_KIND])
+            by_kind = _unflattened(result, BY_KIND)
+            if by_kind:
+                ot_trial.set_user_attr(BY_KIND, by_kind)
             for key in ("checkpoint", "mlflow_run_id"):
                 if result.get(key):
                     ot_trial.set_user_attr(key, str(result[key]))
@@ -151,6 +152,23 @@ class _StudySearch(OptunaSearch):
                 state = TrialState.PRUNED  # stopped at a rung by the scheduler
         self._ot_study.tell(ot_trial, values, state=state)
         self._completed_trials.add(trial_id)
+
+
+def _unflattened(result: dict, key: str) -> dict:
+    """`result[key]` as the dict a trial reported: Tune hands searchers its results flattened
+    ("by_kind/small/images": 6)."""
+    if isinstance(result.get(key), dict):
+        return result[key]
+    nested: dict = {}
+    prefix = f"{key}/"
+    for name, value in result.items():
+        if name.startswith(prefix):
+            *parents, leaf = name[len(prefix):].split("/")
+            node = nested
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+    return nested
 
 
 # -- the driver ------------------------------------------------------------------------------
