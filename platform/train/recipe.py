@@ -3,7 +3,7 @@
 SGD with momentum 0.9 and weight decay 1e-4 except on BN parameters (and biases); lr 0.05 from
 scratch, the gates' lr ×`gate_lr_multiplier` (2.5 in the reference with ImageNet init); linear
 warm-up from 0.001× over 1000 iterations, then poly 0.9; gradient clipping at total norm 5.0; the
-budget loss with its schedule (losses.BudgetLoss).
+budget loss with its schedule (losses.BudgetLoss), its λ2 times `lambda2_scale` (1 in the paper).
 
 Named budgets (paper Table 4) select λ2, μ and the small gate; "network-fix" trains the fixed-gate
 network without a budget.
@@ -41,6 +41,9 @@ class TrainConfig:
     budget: str = "dynamic-raw"
     lambda2: float | None = None  # overrides the named budget's
     mu: float | None = None
+    # The budget loss weighs the penalty by λ2 · lambda2_scale (1 in the paper): a short training
+    # scales the budget's pull on the gates up so that it reaches μ in fewer steps.
+    lambda2_scale: float = 1.0
     budget_start: float = 0.4
     budget_ramp: float = 0.02
     seed: int = 0
@@ -64,6 +67,9 @@ class TrainConfig:
                              "(0, 1]")
         if self.lambda2 is not None and self.lambda2 < 0:
             raise ValueError(f"train.lambda2 = {self.lambda2}: the budget's weight must be >= 0")
+        if not self.lambda2_scale > 0:
+            raise ValueError(f"train.lambda2_scale = {self.lambda2_scale}: must be positive (1 "
+                             f"is the paper's budget loss)")
         if self.mu is not None and not 0 <= self.mu <= 1:
             raise ValueError(f"train.mu = {self.mu}: the target cost is a fraction of C_all, "
                              f"in [0, 1]")

@@ -115,7 +115,8 @@ def train_loop(config: dict) -> None:
     network = network.to(me.device)
     cost = network.cost_model(*recipe.crop)  # C_all at the training resolution
     lambda2, mu = recipe.budget_weights
-    budget = BudgetLoss(lambda2=lambda2, mu=mu, c_all=cost.all_open_expected(),
+    budget = BudgetLoss(lambda2=lambda2 * recipe.lambda2_scale, mu=mu,
+                        c_all=cost.all_open_expected(),
                         schedule=BudgetSchedule(recipe.budget_start, recipe.budget_ramp))
     optimizer = build_optimizer(network, recipe)
     step, history = 0, {"resumes": []}

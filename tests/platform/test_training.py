@@ -90,6 +90,29 @@ def test_bad_settings_fail_before_training(prepared, tmp_path):
     assert res.returncode == 1 and "dynroute data prepare" in res.stderr
 
 
+def test_lambda2_scale_multiplies_the_budget_loss_and_nothing_else(prepared, tmp_path):
+    """Step 1 trains without the budget (its weight ramps up from 0), so both runs reach step 2
+    with the same gates: there the budget loss is λ2 · lambda2_scale · (E/C_all − μ)²."""
+    logged = {}
+    for scale in (1.0, 10.0):
+        folder = tmp_path / f"scale-{scale}"
+        folder.mkdir()
+        params = write_params(folder / "params.yaml", train={
+            "iterations": 2, "budget": "dynamic-a", "budget_start": 0.0, "budget_ramp": 0.01,
+            "lambda2_scale": scale}, run={"log_every": 1, "checkpoint_every": 2})
+        res = run("train", "--data", prepared, "--params", params, cwd=folder)
+        assert res.returncode == 0, res.stderr[-3000:]
+        logged[scale] = [(float(b), float(r)) for b, r in re.findall(
+            r"loss_budget ([\d.]+) expected_gflops [\d.]+ \(E/C_all ([\d.]+)\)", res.stdout)]
+    _, (budget_1, ratio_2) = logged[1.0]
+    assert budget_1 == pytest.approx(0.8 * (ratio_2 - 0.1) ** 2, rel=1e-2), "Dynamic-A's λ2, μ"
+    assert logged[10.0][1][1] == ratio_2, "the same gates at step 2"
+    assert logged[10.0][1][0] == pytest.approx(10 * budget_1, rel=1e-3)
+    params = write_params(tmp_path / "params.yaml", train={"lambda2_scale": 0})
+    res = run("train", "--data", prepared, "--params", params, cwd=tmp_path)
+    assert res.returncode == 1 and "train.lambda2_scale" in res.stderr, res.stderr
+
+
 def _ray_worker_pids() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines()
