@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,11 @@ import torch
 from dynroute.models import NetworkConfig, Route, build_network
 from dynroute.models.route_statistics import RouteStatistics
 from dynroute.models.summary import summarize
+from dynroute.pipelines.prepare import prepare
+from dynroute.pipelines.synth import synthesize
+from dynroute.platform.config.params import load_params
+from dynroute.platform.train.spec import TrainSpec
+from dynroute.platform.train.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,3 +200,91 @@ def test_table1_routes_smoke_claims_hold_when_recomputed(tmp_path):
         assert networks[name]["single_path_bound"]["route"] == bound["route"]
         assert gflops < 0.95 * networks[name]["paper"]["gflops"]
         assert any("no single path" in r for r in networks[name]["reasons"])
+
+
+def _budget_convergence():
+    """benchmarks/budget_convergence.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "budget_convergence", ROOT / "benchmarks" / "budget_convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_budget_convergence_smoke_logs_each_step_and_trains_what_dynroute_train_trains(tmp_path):
+    bench = _budget_convergence()
+    params = bench.smoke_params(load_params(ROOT / "params.yaml"))
+    synth, data, out = params.synth, tmp_path / "prepared", tmp_path / "out"
+    synthesize(synth.dataset, tmp_path / "raw", train=synth.train, val=synth.val,
+               height=synth.height, width=synth.width, seed=synth.seed)
+    prepare(synth.dataset, tmp_path / "raw", data, workers=1)
+    res = subprocess.run([sys.executable, "benchmarks/budget_convergence.py", "--smoke", "--data",
+                          str(data), "--variant", "base:", "--variant",
+                          "scale20:train.lambda2_scale=20", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("base", "scale20")}
+    assert all([r["step"] for r in records] == list(range(8)) for records in logs.values())
+    base, scaled = logs["base"], logs["scale20"]
+    start = 4  # 8 steps, the budget from 40%: w(3/8) = 0, w(4/8) > 0
+    budget_keys = {"w", "lambda2", "mu", "budget", "penalty", "gnorm_gate_budget_w1",
+                   "gnorm_gatebias_budget_w1", "elapsed_s"}
+    for b, s in zip(base[:start], scaled[:start], strict=True):  # trained once, shared
+        assert b["w"] == s["w"] == 0 and b["budget"] == s["budget"] == 0
+        assert {k: v for k, v in b.items() if k not in budget_keys} == {
+            k: v for k, v in s.items() if k not in budget_keys}
+        assert s["gnorm_gatebias_budget_w1"] == pytest.approx(20 * b["gnorm_gatebias_budget_w1"],
+                                                              rel=1e-5)
+    # The budget's first step: the gates are still the same in both, its loss 20 times the base's.
+    b, s = base[start], scaled[start]
+    assert b["w"] == s["w"] > 0
+    for key in ("seg", "E_over_Call", "alpha_mean", "alpha_open_frac", "bias_mean"):
+        assert b[key] == s[key], key
+    assert b["budget"] == pytest.approx(0.8 * b["w"] * (b["E_over_Call"] - 0.1) ** 2, rel=1e-5)
+    assert s["budget"] == pytest.approx(20 * b["budget"], rel=1e-6)
+    assert scaled[-1]["seg"] != base[-1]["seg"], "the budget acted differently after its start"
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(p["variants"], p["steps"]) for p in summary["shared"]] == [(["base", "scale20"], 4)]
+    rows = {r["variant"]: r for r in summary["variants"]}
+    table = {line.split()[0]: line.split() for line in res.stdout.splitlines()
+             if line.split() and line.split()[0] in rows}
+    for name, row in rows.items():
+        last = logs[name][-1]
+        assert row["E_over_Call_last"] == last["E_over_Call"]
+        assert row["gnorm_gatebias_budget_w1_at_start"] == logs[name][start][
+            "gnorm_gatebias_budget_w1"]
+        assert row["status"] == ("reached" if abs(last["E_over_Call"] - 0.1) <= 0.05 else
+                                 "above" if last["E_over_Call"] > 0.1 else "below")
+        assert row["gflops_min"] <= row["gflops_mean"] <= row["gflops_max"]
+        assert row["gflops_max"] <= row["gflops_all_open"] * (1 + 1e-9)
+        assert row["gflops_ratio"] == pytest.approx(row["gflops_mean"] / row["gflops_all_open"])
+        assert 0 <= row["miou"] <= 1 and 0 <= row["paths_open"] <= 1
+        printed = table[name]
+        assert float(printed[1]) == pytest.approx(row["lambda2"], rel=1e-2)
+        assert printed[3:5] == [f"{last['E_over_Call']:.3f}", row["status"]]
+        assert float(printed[5]) == pytest.approx(row["gnorm_gatebias_budget_w1_at_start"],
+                                                  rel=1e-2)
+        assert printed[-1] == f"{row['miou']:.4f}"
+    assert rows["scale20"]["lambda2"] == pytest.approx(20 * rows["base"]["lambda2"])
+
+    # `dynroute train`'s own function, from scratch, ends the scaled variant where the
+    # benchmark's copy of the shared steps did.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the benchmark's
+    try:
+        run = replace(params.run, name="scale20", storage=str(tmp_path / "runs"), workers=0,
+                      log_every=1, checkpoint_every=8)
+        result = train(TrainSpec.for_run(run, data=str(data), model=params.model,
+                                         train=replace(params.train, budget="dynamic-a",
+                                                       lambda2_scale=20.0)))
+    finally:
+        torch.set_num_threads(threads)
+    figures = torch.load(Path(result.checkpoint) / "state.pt", weights_only=False)["figures"]
+    assert figures["step"] == 8
+    last = scaled[-1]
+    assert figures["loss_seg"] == pytest.approx(last["seg"], rel=1e-6)
+    assert figures["loss_budget"] == pytest.approx(last["budget"], rel=1e-6)
+    assert figures["expected_cost_ratio"] == pytest.approx(last["E_over_Call"], rel=1e-6)
