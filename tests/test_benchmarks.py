@@ -220,7 +220,7 @@ def test_budget_convergence_smoke_logs_each_step_and_trains_what_dynroute_train_
                height=synth.height, width=synth.width, seed=synth.seed)
     prepare(synth.dataset, tmp_path / "raw", data, workers=1)
     res = subprocess.run([sys.executable, "benchmarks/budget_convergence.py", "--smoke", "--data",
-                          str(data), "--variant", "base:", "--variant",
+                          str(data), "--variant", "base:train.lambda2_scale=1", "--variant",
                           "scale20:train.lambda2_scale=20", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -169,7 +169,7 @@ def apply_params(base: TrainSpec, params: Mapping[str, object]) -> TrainSpec:
 # -- settings --------------------------------------------------------------------------------
 def _default_space() -> dict:
     return {"train.lambda2": {"low": 0.05, "high": 1.5, "log": True},
-            "train.mu": {"low": 0.0, "high": 0.6, "log": False}}
+            "train.mu": {"low": 0.0, "high": 1.0, "log": False}}
 
 
 @dataclass(frozen=True)
