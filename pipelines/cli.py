@@ -284,8 +284,12 @@ def evaluate_command(
         raise fail(str(err)) from None
     g = result.gflops
     typer.echo(f"mIoU {result.miou:.4f}, pixel accuracy {result.pixel_accuracy:.4f}, "
-               f"GFLOPs mean {g.mean:.3f} (min {g.min:.3f}, max {g.max:.3f}) "
+               f"GFLOPs mean {g.mean:.3f} (min {g.min:.3f}, p50 {g.p50:.3f}, max {g.max:.3f}) "
                f"at {result.cost_resolution[0]}x{result.cost_resolution[1]}; {out}")
+    for kind, entry in result.by_kind().items():
+        typer.echo(f"  {kind} scenes: {entry['images']} images, GFLOPs mean "
+                   f"{entry['gflops_mean']:.3f} ({entry['gflops_min']:.3f}–"
+                   f"{entry['gflops_max']:.3f}), {entry['paths_open_mean']:.1f} paths open")
 
 
 @app.command("pareto")

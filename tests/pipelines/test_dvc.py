@@ -4,6 +4,7 @@ per stage, a real Ray Tune + Optuna study)."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,11 @@ def test_repro_is_reproducible_incremental_and_pushes_to_the_default_remote(tmp_
     report = sh("dynroute", "report", cwd=a)
     assert "Pareto front" in report and "best-miou" in report
     assert f"mIoU {evaluation['miou']:.4f}" in report
+    # where each budget ended, and how the synthetic scene kinds' routes differ
+    assert "Budget search: where each trial's budget ended" in report
+    assert all(f"  {t['id']}" in report for t in trials)
+    assert re.search(r"knee \S+: per image GFLOPs min [\d.]+ / p50 [\d.]+ / max", report)
+    assert re.search(r"small  scenes: +\d+ images", report), report
 
     # a second run is incremental: nothing is redone
     stamp = (a / "data" / "prepared" / "manifest.json").stat().st_mtime_ns
