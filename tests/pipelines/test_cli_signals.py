@@ -38,9 +38,22 @@ def write_params(folder: Path, *, tracking: str = "local") -> Path:
     return path
 
 
-def start(*args: str, cwd: Path) -> subprocess.Popen:
+def _as_from_a_terminal() -> None:
+    """The stop signals' default actions in the command, as a terminal starts it. A test run
+    started under `nohup` or as a shell's background job hands SIGHUP / SIGINT down ignored,
+    and the command rightly keeps an ignored signal ignored (`test_nohup_keeps_sighup_ignored`)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _under_nohup() -> None:
+    _as_from_a_terminal()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def start(*args: str, cwd: Path, preexec=_as_from_a_terminal) -> subprocess.Popen:
     return subprocess.Popen([DYNROUTE, *args], cwd=cwd, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec)
 
 
 def _stats() -> list[tuple[int, list[str]]]:
@@ -141,6 +154,27 @@ def test_a_stop_signal_ends_train_as_ctrl_c_does(prepared, tmp_path, sig):
                          f"{tmp_path / 'runs' / 'r'} keeps its checkpoints (one every 2 steps); "
                          f"run the same command again to continue from the last one"]
         assert "Traceback" not in err
+    finally:
+        end(proc, server)
+
+
+@pytest.mark.slow
+def test_nohup_keeps_sighup_ignored(prepared, tmp_path):
+    """`nohup dynroute train` outlives its terminal: SIGHUP stays ignored, SIGTERM still stops."""
+    params = write_params(tmp_path)
+    proc = start("train", "--data", str(prepared), "--params", str(params), cwd=tmp_path,
+                 preexec=_under_nohup)
+    server = None
+    try:
+        server, _ = managed_server(proc)
+        wait_for_checkpoint(tmp_path / "runs", proc)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None, "SIGHUP ended a command started under nohup"
+        proc.terminate()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err[-3000:]
+        assert "interrupted by SIGTERM during `dynroute train`" in err
     finally:
         end(proc, server)
 
