@@ -26,14 +26,9 @@ from dynroute.pipelines.prepare import prepare
 from dynroute.pipelines.synth import synthesize
 from dynroute.platform.data.dataset import ShardDataset
 from dynroute.platform.data.shards import read_scene_kinds
-from dynroute.platform.evaluate.evaluation import (
-    PER_IMAGE_COLUMNS,
-    TTA,
-    ConfusionMatrix,
-    evaluate,
-    infer,
-)
+from dynroute.platform.evaluate.evaluation import TTA, ConfusionMatrix, evaluate, infer
 from dynroute.platform.evaluate.prediction_files import voc_palette
+from dynroute.platform.evaluate.results import PER_IMAGE_COLUMNS
 
 COST = (1024, 2048)
 K = len(CITYSCAPES_CLASSES)
