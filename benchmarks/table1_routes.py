@@ -306,18 +306,17 @@ def reasons(paper: Paper, priced: list[Priced]) -> list[str]:
     params = [p.params for p in priced]
     flops = [p.flops for p in priced]
     out = []
-    if max(flops) < lo * target_f:
-        out.append(f"the dearest route of the pattern costs {max(flops) / 1e9:.1f} GFLOPs, "
-                   f"{max(flops) / target_f - 1:+.1%} from {paper.gflops}")
-    if min(flops) > hi * target_f:
-        out.append(f"the cheapest route of the pattern costs {min(flops) / 1e9:.1f} GFLOPs, "
-                   f"{min(flops) / target_f - 1:+.1%} from {paper.gflops}")
-    if max(params) < lo * target_p:
-        out.append(f"the largest route of the pattern holds {max(params) / 1e6:.2f} M params, "
-                   f"{max(params) / target_p - 1:+.1%} from {paper.params}")
-    if min(params) > hi * target_p:
-        out.append(f"the smallest route of the pattern holds {min(params) / 1e6:.2f} M params, "
-                   f"{min(params) / target_p - 1:+.1%} from {paper.params}")
+    for values, target, published, bound in (
+            (flops, target_f, paper.gflops, ("dearest", "cheapest", "costs {:.1f} GFLOPs", 1e9)),
+            (params, target_p, paper.params, ("largest", "smallest", "holds {:.2f} M params",
+                                              1e6))):
+        above, below, amount, unit = bound
+        if max(values) < lo * target:
+            out.append(f"the {above} route of the pattern {amount.format(max(values) / unit)}, "
+                       f"{max(values) / target - 1:+.1%} from {published}")
+        if min(values) > hi * target:
+            out.append(f"the {below} route of the pattern {amount.format(min(values) / unit)}, "
+                       f"{min(values) / target - 1:+.1%} from {published}")
     if not out:
         near = [p.flops for p in priced if lo * target_p <= p.params <= hi * target_p]
         if near:

@@ -272,6 +272,7 @@ def evaluate_command(
     device: InferenceDevice = None,
 ) -> None:
     """mIoU, per-class IoU, real GFLOPs per image, gate usage and latency of a checkpoint."""
+    from dynroute.pipelines.report import kind_lines
     from dynroute.pipelines.run import run_evaluation
 
     p = with_inference(load_params(params), fast=fast, device=device)
@@ -286,10 +287,8 @@ def evaluate_command(
     typer.echo(f"mIoU {result.miou:.4f}, pixel accuracy {result.pixel_accuracy:.4f}, "
                f"GFLOPs mean {g.mean:.3f} (min {g.min:.3f}, p50 {g.p50:.3f}, max {g.max:.3f}) "
                f"at {result.cost_resolution[0]}x{result.cost_resolution[1]}; {out}")
-    for kind, entry in result.by_kind().items():
-        typer.echo(f"  {kind} scenes: {entry['images']} images, GFLOPs mean "
-                   f"{entry['gflops_mean']:.3f} ({entry['gflops_min']:.3f}–"
-                   f"{entry['gflops_max']:.3f}), {entry['paths_open_mean']:.1f} paths open")
+    for line in kind_lines(result.by_kind()):
+        typer.echo(line)
 
 
 @app.command("pareto")

@@ -33,7 +33,7 @@ def report(params: Params, *, artifacts: Path = Path("artifacts")) -> str:
         lines += [f"training '{params.run.name}' ({params.train.budget}): mIoU "
                   f"{_num(evaluation.get('miou'), '.4f')}, real GFLOPs mean "
                   f"{_num(evaluation.get('gflops_mean'))} at {res[0]}x{res[1]}; per image "
-                  f"{_spread(evaluation)}", *_kind_lines(evaluation.get("by_kind")), ""]
+                  f"{_spread(evaluation)}", *kind_lines(evaluation.get("by_kind")), ""]
     pareto = _read(artifacts / "pareto" / "pareto.json")
     if pareto is None:
         lines.append(f"no Pareto front yet ({artifacts / 'pareto' / 'pareto.json'}): run "
@@ -81,7 +81,7 @@ def _spread(figures: dict) -> str:
             f"{_num(figures.get('gflops_p50'))} / max {_num(figures.get('gflops_max'))}")
 
 
-def _kind_lines(by_kind: dict | None) -> list[str]:
+def kind_lines(by_kind: dict | None) -> list[str]:
     """One line per scene kind (evaluation.py `by_kind`): how its images' routes differ."""
     return [f"  {kind:<6} scenes: {entry['images']:>3} images, GFLOPs mean "
             f"{_num(entry['gflops_mean'])} ({_num(entry['gflops_min'])}–"
@@ -127,5 +127,5 @@ def search_lines(params: Params, knee: str | None) -> list[str]:
     knee_trial = next((t for t in done if t["id"] == knee), None)
     if knee_trial is not None:
         lines += [f"knee {knee}: per image {_spread(knee_trial)}",
-                  *_kind_lines(knee_trial.get("by_kind"))]
+                  *kind_lines(knee_trial.get("by_kind"))]
     return [*lines, ""]
