@@ -256,7 +256,8 @@ def run_seed(seed: int, work: Path, args: argparse.Namespace) -> dict:
                             "gflops": evaluation.gflops}
 
     results, statistics = {}, None
-    for name, r in (("dynamic-raw", recipe), ("dynamic-a", budgeted)):
+    trainings = (("dynamic-raw", recipe), ("dynamic-a", budgeted))
+    for name, r in trainings[1:] if args.skip_raw else trainings:
         checkpoint, seconds = run_training(name, data, work / "runs", model, r)
         network, _ = load_checkpoint(checkpoint)
         evaluation, figures = evaluated(network)
@@ -293,10 +294,13 @@ def report_seed(seed: int, results: dict, args: argparse.Namespace) -> None:
         share = r["routing"] / next(iter(kinds_r))["routing_all_open"]
         print(f"{name:<14}{r['miou']:>8.3f}{r['chance']:>8.3f}{g.mean:>13.4f}{g.min:>8.4f}"
               f"{g.max:>8.4f}{r['routing']:>13.4f}{share:>13.3f}")
-    raw_g, a_g = results["dynamic-raw"]["gflops"].mean, results["dynamic-a"]["gflops"].mean
-    print(f"(b) budget / no budget real GFLOPs: {a_g / raw_g:.3f} (cells and paths only: "
-          f"{results['dynamic-a']['routing'] / results['dynamic-raw']['routing']:.3f}; the rest "
-          f"is the small gate's saving)")
+    if "dynamic-raw" in results:
+        raw, budgeted = results["dynamic-raw"], results["dynamic-a"]
+        print(f"(b) budget / no budget real GFLOPs: "
+              f"{budgeted['gflops'].mean / raw['gflops'].mean:.3f} (cells and paths only: "
+              f"{budgeted['routing'] / raw['routing']:.3f}; the rest is the small gate's saving)")
+    else:
+        print("(b) not measured: --skip-raw")
     kinds_a = results["dynamic-a"]["kinds"]
     print("(c) dynamic-a by scene kind:")
     for kind, entry in kinds_a.items():
@@ -406,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                              "fraction of its val forward passes (default %(default)s)")
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--skip-raw", action="store_true",
+                        help="do not train Dynamic-Raw, which only (b) uses; (c) and (d) need "
+                             "Dynamic-A and its static network alone")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if not 0 <= args.threshold < 1:

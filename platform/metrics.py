@@ -20,6 +20,11 @@ EXPECTED_COST_RATIO = "expected_cost_ratio"
 GFLOPS_FLOOR = "gflops_floor"
 GFLOPS_ALL_OPEN = "gflops_all_open"
 LATENCY_MS = "latency_ms"
+# Measured latency per image (platform/evaluate/latency.py: each image's median over interleaved
+# repeats), over the images: median, 90th percentile and mean, in ms.
+LATENCY_P50_MS = "latency_p50_ms"
+LATENCY_P90_MS = "latency_p90_ms"
+LATENCY_MEAN_MS = "latency_mean_ms"
 LOSS_SEGMENTATION = "loss_seg"
 LOSS_BUDGET = "loss_budget"
 LEARNING_RATE = "lr"
