@@ -20,6 +20,7 @@ from dynroute.platform.data.shards import read_manifest, read_scene_kinds
 from dynroute.platform.device.fast_path import inference_device
 from dynroute.platform.evaluate.evaluation import TTA, evaluate
 from dynroute.platform.evaluate.plots import plot_gate_probability, plot_route
+from dynroute.platform.evaluate.results import LATENCY_DISTURBED, EvaluationLatency
 from dynroute.platform.files import write_json_atomic
 from dynroute.platform.tracking import runs
 from dynroute.platform.train.checkpoints import load_model
@@ -98,14 +99,20 @@ def run_evaluation(params: Params, *, checkpoint: str, data: str, out: Path,
     route.save(out / "route.yaml")
     if uri is not None:
         _track_evaluation(uri, params, source, network.training_run_id, manifest, summary, out,
-                          figures)
+                          figures, latency=result.latency)
     return result
 
 
 def _track_evaluation(uri, params, source, training_run_id, manifest, summary, out,
-                      plots) -> None:
+                      plots, *, latency: EvaluationLatency | None = None) -> None:
+    """The run's figures are the summary's numbers: a disturbed latency's are null there, so
+    MLflow gets none, and the tags say what it was measured on and why it was withheld."""
     tags = runs.provenance_tags(data_hash=manifest.content_hash) | {
         "stage": "evaluate", "model_source": source}
+    if latency is not None:
+        tags |= {"latency_device": latency.key, LATENCY_DISTURBED: str(latency.disturbed).lower()}
+        if latency.disturbed:
+            tags["latency_reason"] = latency.disturbance.reason
     if training_run_id:
         tags["training_run_id"] = training_run_id
     name = Path(source).name if "://" not in source and ":/" not in source else source

@@ -18,12 +18,22 @@ the cores per GPU less one on CUDA, none on a CPU, where the cores run the netwo
 Test-time augmentation averages the *logits* of every scale × flip pass, each resized back to
 the image size. Its cost is the sum over passes, pass s costed at round(H·s) × round(W·s) of the
 declared resolution; its latency is that of all passes together.
+
+Latency follows latency.py's rules, without slowing the accuracy evaluation: each image is timed
+once (after `warmup` untimed passes), and the result records what it was measured on (the device
+key and conditions) and whether another job shared the device meanwhile (`LatencyWatch`: the
+calibration workload before and after the loop, and on a CPU the cores other processes kept
+busy). One pass per image cannot discard a slow spell, and another job sharing the cores made a
+27 ms image take over a second (latency.py). So a disturbed latency is withheld
+(`EvaluationResult.latency` says why), and the accuracy is reported all the same.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
+import platform
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +49,12 @@ from dynroute.models.route_statistics import RouteStatistics
 from dynroute.models.routing_space import NodeId
 from dynroute.platform.data.shards import IGNORE_INDEX
 from dynroute.platform.device import fast_path
+from dynroute.platform.evaluate.latency import (
+    Conditions,
+    LatencyWatch,
+    device_key,
+    processor_name,
+)
 from dynroute.platform.evaluate.prediction_files import (
     PredictionFormat,
     cityscapes_label_ids,
@@ -46,6 +62,7 @@ from dynroute.platform.evaluate.prediction_files import (
 )
 from dynroute.platform.evaluate.results import (
     Distribution,
+    EvaluationLatency,
     EvaluationResult,
     ImageRow,
     finite,
@@ -200,6 +217,9 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
              scene_kinds: Mapping[str, str] | None = None) -> EvaluationResult:
     """Evaluate `network` on every sample of `dataset`, one image at a time, hard routing.
 
+    Returns the accuracy, cost and routes always; the latency only when no other job disturbed
+    the timing (else `latency_ms` is all NaN and `latency` says why).
+
     Args:
         network: a routing network (eval mode is set here and the previous mode restored).
         dataset: yields {"image": (3, H, W) BGR − mean, "label": (H, W) train ids, "id": str},
@@ -249,6 +269,8 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
     confusion = ConfusionMatrix(num_classes)
     stats = RouteStatistics(network.route, threshold=network.closed_threshold)
     rows: list[ImageRow] = []
+    sizes: list[tuple[int, int]] = []
+    workers = fast_path.loader_workers(device) if loader_workers is None else loader_workers
     was_training = network.training
     network.eval()
     layout = fast_path.for_inference(device, fast=fast)
@@ -256,8 +278,8 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
     if not _is_on(runner, device):  # a copy on `device`; the caller's network stays where it is
         runner = (copy.deepcopy(runner) if runner is network else runner).to(device)
     try:
-        with torch.inference_mode():
-            for sample in samples(dataset, device, workers=loader_workers):
+        with torch.inference_mode(), LatencyWatch(device, children=workers > 0) as watch:
+            for sample in samples(dataset, device, workers=workers):
                 image = layout.images(  # (1, 3, H, W)
                     sample["image"].to(device, non_blocking=True).unsqueeze(0))
                 label = sample["label"].to(device, non_blocking=True)  # (H, W)
@@ -269,6 +291,7 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
                 result = infer(runner, image, tta=tta)
                 sync()
                 latency = (time.perf_counter() - start) * 1e3
+                sizes.append((int(image.shape[-2]), int(image.shape[-1])))
                 pred = result.logits.argmax(dim=1)[0]  # (H, W)
                 confusion.update(pred, label)
                 gflops, opened = 0.0, 0
@@ -296,13 +319,28 @@ def evaluate(network: DynamicRoutingNetwork, dataset: Iterable[Mapping], *, num_
     if not rows:
         raise ValueError("the dataset yielded no samples to evaluate")
     iou = confusion.iou()
+    timing = _latency(device, watch, sizes=sizes, warmup=warmup, fast=fast, workers=workers)
     return EvaluationResult(
         miou=confusion.miou, pixel_accuracy=confusion.pixel_accuracy,
         per_class_iou={name: finite(v) for name, v in zip(class_names, iou, strict=True)},
         images=len(rows), gflops=Distribution.of([r.gflops for r in rows]),
-        latency_ms=Distribution.of([r.latency_ms for r in rows]),
+        latency_ms=(Distribution.withheld() if timing.disturbed
+                    else Distribution.of([r.latency_ms for r in rows])),
         cost_resolution=(int(cost_resolution[0]), int(cost_resolution[1])),
         gate_probability=stats.path_frequency(), route_statistics=stats, per_image=rows,
         confusion=confusion, tta=tta,
-        scene_kinds=dict(scene_kinds) if scene_kinds else None)
+        scene_kinds=dict(scene_kinds) if scene_kinds else None, latency=timing)
+
+
+def _latency(device: torch.device, watch: LatencyWatch, *, sizes: Sequence[tuple[int, int]],
+             warmup: int, fast: bool, workers: int) -> EvaluationLatency:
+    """What the loop's timings were measured on and under, and the watch's verdict."""
+    conditions = Conditions(
+        device=str(device), processor=processor_name(device), threads=torch.get_num_threads(),
+        torch=torch.__version__, warmup=warmup, repeats=1, images=len(sizes),
+        resolution=sizes[0], fast=fast, host=platform.node() or os.uname()[1])
+    return EvaluationLatency(
+        key=device_key(device), conditions=conditions, mixed_sizes=len(set(sizes)) > 1,
+        loader_workers=workers, calibration_ms=tuple(watch.calibration),
+        disturbance=watch.disturbance())
 

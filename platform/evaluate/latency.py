@@ -42,7 +42,8 @@ from torch import nn
 from dynroute.platform.data.dataset import ShardDataset
 from dynroute.platform.device import fast_path
 
-__all__ = ["Conditions", "LatencyDisturbed", "LatencyProfile", "calibration_ms", "device_key",
+__all__ = ["BusyElsewhere", "Conditions", "Disturbance", "LatencyDisturbed", "LatencyProfile",
+           "LatencyWatch", "calibration_ms", "device_key", "disturbance", "free_cores",
            "processor_name", "profile_latency", "split_images"]
 
 # Drift (slowest / fastest of the calibration timings, or of the repeats' totals) above which a
@@ -235,6 +236,56 @@ def _free_cores(device: torch.device) -> float:
     return max(0, cores - used)
 
 
+def _children_cpu_seconds() -> float:
+    """CPU seconds of this process's children: those it has waited for (the kernel's sums) and
+    those still running (read from /proc where Linux has it; 0 for them elsewhere)."""
+    times = os.times()
+    seconds = times.children_user + times.children_system
+    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return seconds
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (name)"
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if int(fields[1]) == me:  # ppid; then utime stime cutime cstime at 11..14
+            seconds += sum(int(v) for v in fields[11:15]) / tick
+    return seconds
+
+
+class BusyElsewhere(_Elsewhere):
+    """The CPU cores that other processes kept busy between `__enter__` and `__exit__` (`cores`,
+    NaN where the kernel does not say).
+
+    children: count this process's children as our own work, not as others': an evaluation's
+    loader processes decode its images, and are part of how it runs, not another job.
+    """
+
+    def __init__(self, *, children: bool = False) -> None:
+        self.children = children
+
+    def __enter__(self) -> BusyElsewhere:
+        super().__enter__()
+        self._children = _children_cpu_seconds() if self.children else 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if self.children and math.isfinite(self.cores):
+            theirs = _children_cpu_seconds() - self._children
+            self.cores = max(0.0, self.cores - theirs / (time.monotonic() - self._wall))
+
+
+def free_cores(device: torch.device | str) -> float:
+    """Cores a timing on `device` leaves to other processes: on a CPU those beyond torch's
+    threads (the allowance `profile_latency` grants before `MAX_BUSY_ELSEWHERE`)."""
+    return _free_cores(torch.device(device))
+
+
 def _drift(values: Sequence[float]) -> float:
     low = min(values)
     return math.inf if low <= 0 else max(values) / low
@@ -344,3 +395,90 @@ def profile_latency(network: nn.Module, images: Sequence[torch.Tensor], *,
         mean_ms=float(median.mean()), spread=spread, busy_elsewhere=elsewhere,
         calibration_drift=calibration_drift,
         repeat_drift=repeat_drift, attempts=attempt, disturbed=disturbed)
+
+
+@dataclass(frozen=True)
+class Disturbance:
+    """What noticed another job on the device while timing, and the verdict, by the rule
+    `profile_latency` applies to each attempt."""
+
+    busy_elsewhere: float  # CPU cores other processes kept busy (mean); NaN: unknown or a GPU
+    busy_limit: float  # the most they may keep busy (free cores + MAX_BUSY_ELSEWHERE); NaN: GPU
+    calibration_drift: float  # slowest / fastest calibration timing (1 = none)
+    repeat_drift: float  # slowest / fastest repeat's total time; NaN: a single timed pass
+    max_drift: float
+    disturbed: bool
+
+    @property
+    def reason(self) -> str:
+        """Why the timing counts as disturbed, in figures; "" when it does not."""
+        if not self.disturbed:
+            return ""
+        why = []
+        if math.isfinite(self.busy_elsewhere) and self.busy_elsewhere > self.busy_limit:
+            why.append(f"other processes kept {self.busy_elsewhere:.2f} CPU cores busy (limit "
+                       f"{self.busy_limit:g})")
+        for name, drift in (("calibration timings", self.calibration_drift),
+                            ("repeats", self.repeat_drift)):
+            if drift > self.max_drift:
+                why.append(f"the {name} drifted {drift:.2f}x (limit {self.max_drift:g}x)")
+        return "; ".join(why)
+
+
+def disturbance(device: torch.device | str, *, busy_elsewhere: float,
+                calibration: Sequence[float], repeat_totals: Sequence[float] = (),
+                max_drift: float = MAX_DRIFT,
+                max_busy_elsewhere: float = MAX_BUSY_ELSEWHERE) -> Disturbance:
+    """Judge one timing: disturbed when, on a CPU, other processes kept more cores busy than our
+    threads leave free (plus `max_busy_elsewhere`), or when the calibration timings or the
+    repeats' totals drifted beyond `max_drift`.
+
+    Args:
+        device: what was timed on (a GPU is judged by its drifts alone).
+        busy_elsewhere: `BusyElsewhere.cores` over the timing (NaN: unknown).
+        calibration: `calibration_ms` timings, at least one before and one after.
+        repeat_totals: each repeat's total time; none for a single timed pass.
+    """
+    device = torch.device(device)
+    calibration_drift = _drift(calibration)
+    repeat_drift = _drift(repeat_totals) if len(repeat_totals) else math.nan
+    on_cpu = device.type == "cpu"
+    busy_limit = _free_cores(device) + max_busy_elsewhere if on_cpu else math.nan
+    busy = busy_elsewhere if on_cpu else math.nan
+    crowded = math.isfinite(busy) and busy > busy_limit
+    drifted = max(calibration_drift, repeat_drift if len(repeat_totals) else 0.0) > max_drift
+    return Disturbance(busy_elsewhere=busy, busy_limit=busy_limit,
+                       calibration_drift=calibration_drift, repeat_drift=repeat_drift,
+                       max_drift=max_drift, disturbed=crowded or drifted)
+
+
+class LatencyWatch:
+    """Watches a timed loop for another job on `device`: the calibration workload timed on
+    entry and on exit, and (on a CPU) the cores other processes kept busy in between; after the
+    block, `calibration` holds the two timings and `disturbance(...)` judges them.
+
+    For a loop that times each item once (as `evaluate` does), where no repeats can show drift.
+    children: as `BusyElsewhere`'s (loader processes are our own work).
+    """
+
+    def __init__(self, device: torch.device | str, *, children: bool = False) -> None:
+        self.device = torch.device(device)
+        self.calibration: list[float] = []
+        self._busy = BusyElsewhere(children=children)
+
+    def __enter__(self) -> LatencyWatch:
+        calibration_ms(self.device, rounds=1)  # untimed: a fresh process starts its thread pool
+        self._busy.__enter__()
+        self.calibration = [calibration_ms(self.device)]
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None:  # a failed loop is not judged: spare it the calibration
+            self.calibration.append(calibration_ms(self.device))
+        self._busy.__exit__(kind, *exc)
+
+    def disturbance(self, *, max_drift: float = MAX_DRIFT,
+                    max_busy_elsewhere: float = MAX_BUSY_ELSEWHERE) -> Disturbance:
+        return disturbance(self.device, busy_elsewhere=self._busy.cores,
+                           calibration=self.calibration, max_drift=max_drift,
+                           max_busy_elsewhere=max_busy_elsewhere)

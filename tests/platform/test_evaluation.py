@@ -7,6 +7,10 @@ import copy
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,13 @@ from dynroute.pipelines.synth import synthesize
 from dynroute.platform.data.dataset import ShardDataset
 from dynroute.platform.data.shards import read_scene_kinds
 from dynroute.platform.evaluate.evaluation import TTA, ConfusionMatrix, evaluate, infer
+from dynroute.platform.evaluate.latency import (
+    MAX_BUSY_ELSEWHERE,
+    BusyElsewhere,
+    device_key,
+    disturbance,
+    free_cores,
+)
 from dynroute.platform.evaluate.prediction_files import voc_palette
 from dynroute.platform.evaluate.results import PER_IMAGE_COLUMNS
 
@@ -290,11 +301,14 @@ def test_per_image_parquet_and_json(cityscapes, tmp_path) -> None:
     assert table.column_names == list(PER_IMAGE_COLUMNS)
     assert table.num_rows == result.images == 4
     assert table.column("id").to_pylist() == [s["id"] for s in val_set(cityscapes)]
-    assert all(v > 0 for v in table.column("latency_ms").to_pylist())
+    assert all(v > 0 for v in table.column("latency_ms").to_pylist())  # raw, even if disturbed
+    assert table.column("latency_disturbed").to_pylist() == [result.latency.disturbed] * 4
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     for key in ("miou", "pixel_accuracy", "gflops_mean", "gflops_max", "gflops_min", "gflops_p50",
-                "gflops_p90", "latency_ms_mean", "latency_ms_p50", "latency_ms_p90"):
+                "gflops_p90"):
         assert isinstance(data[key], float), key
+    for key in ("latency_ms_mean", "latency_ms_p50", "latency_ms_p90"):  # withheld if disturbed
+        assert isinstance(data[key], type(None) if result.latency.disturbed else float), key
     assert set(data["per_class_iou"]) == set(CITYSCAPES_CLASSES)
     assert data["gate_probability"]["-1:0:keep"] == result.gate_probability[RoutePath(-1, 0,
                                                                                       "keep")]
@@ -371,3 +385,104 @@ def test_no_kinds_no_figures_per_kind(cityscapes, tmp_path) -> None:
     table = pq.read_table(result.write_per_image(tmp_path / "per_image.parquet"))
     assert table.column_names == list(PER_IMAGE_COLUMNS)
     assert result.to_dict()["by_kind"] == {}
+
+
+# -- latency: its conditions, and another job noticed ----------------------------------------
+@pytest.fixture
+def cpu_hogs():
+    """One busy-looping process per core this process may use: another job sharing the cores,
+    as `make run` beside an evaluation does. Killed by their pid afterwards."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(len(os.sched_getaffinity(0)))]
+    try:
+        time.sleep(0.5)  # let them start spinning
+        yield hogs
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def assert_latency_withheld(result) -> None:
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert all(math.isnan(v) for v in vars(result.latency_ms).values())
+    assert all(data[f"latency_ms_{s}"] is None for s in ("mean", "min", "max", "p50", "p90"))
+    assert data["latency_disturbed"] is True and data["latency"]["reason"]
+    assert "DISTURBED, not recorded" in result.latency_line()
+    assert "dynroute profile" in result.latency_line()
+
+
+def test_latency_records_what_it_was_measured_on(cityscapes, tmp_path) -> None:
+    """The latency carries its device key and conditions; it is recorded when the machine was
+    quiet and withheld when it was not (a CI box may be busy: either, never a mix)."""
+    result = run(tiny_network(), cityscapes, warmup=2, fast=False)
+    latency = result.latency
+    assert latency.key == device_key("cpu")
+    c = latency.conditions
+    assert (c.device, c.threads, c.torch) == ("cpu", torch.get_num_threads(), torch.__version__)
+    assert (c.warmup, c.repeats, c.images, c.resolution, c.fast) == (2, 1, 4, (64, 128), False)
+    assert not latency.mixed_sizes and latency.loader_workers == 0
+    assert len(latency.calibration_ms) == 2 and min(latency.calibration_ms) > 0
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["latency"]["key"] == device_key("cpu")
+    assert data["latency"]["conditions"]["resolution"] == [64, 128]
+    assert math.isfinite(data["latency_busy_elsewhere"])
+    table = pq.read_table(result.write_per_image(tmp_path / "per_image.parquet"))
+    assert table.schema.metadata[b"latency_device"] == device_key("cpu").encode()
+    if latency.disturbed:
+        assert_latency_withheld(result)
+    else:
+        assert data["latency_disturbed"] is False and data["latency"]["reason"] is None
+        raw = [r.latency_ms for r in result.per_image]
+        assert data["latency_ms_p50"] == pytest.approx(float(np.median(raw)))
+        assert result.latency_line().startswith("latency p50 ")
+        assert device_key("cpu") in result.latency_line()
+
+
+def test_latency_shared_with_another_job_is_withheld(cityscapes, tmp_path, cpu_hogs) -> None:
+    """A job spinning on every core while the images are timed: the accuracy is reported as
+    on a quiet machine, the latency is marked disturbed, with the busy cores as the reason, and
+    withheld from the summary; the per-image rows keep the raw timings, flagged."""
+    result = run(tiny_network(), cityscapes)
+    assert all(hog.poll() is None for hog in cpu_hogs)  # they ran throughout
+    latency = result.latency
+    assert latency.disturbed
+    limit = free_cores("cpu") + MAX_BUSY_ELSEWHERE
+    assert latency.disturbance.busy_elsewhere > limit
+    assert "CPU cores busy" in latency.disturbance.reason
+    assert_latency_withheld(result)
+    table = pq.read_table(result.write_per_image(tmp_path / "per_image.parquet"))
+    assert table.column("latency_disturbed").to_pylist() == [True] * 4
+    assert all(v > 0 for v in table.column("latency_ms").to_pylist())
+    for hog in cpu_hogs:
+        hog.kill()
+        hog.wait()
+    quiet = run(tiny_network(), cityscapes)
+    assert result.miou == quiet.miou and result.pixel_accuracy == quiet.pixel_accuracy
+    assert result.gflops == quiet.gflops
+
+
+def test_disturbance_rule() -> None:
+    """profile_latency's rule: busy cores beyond those our threads leave free (CPU only), or a
+    calibration or repeat drift beyond the limit."""
+    limit = free_cores("cpu") + MAX_BUSY_ELSEWHERE
+    assert not disturbance("cpu", busy_elsewhere=limit - 0.01, calibration=[10, 14]).disturbed
+    crowded = disturbance("cpu", busy_elsewhere=limit + 0.5, calibration=[10, 10])
+    assert crowded.disturbed and "CPU cores busy" in crowded.reason
+    drifted = disturbance("cpu", busy_elsewhere=math.nan, calibration=[10, 16])
+    assert drifted.disturbed and "calibration timings drifted 1.60x" in drifted.reason
+    assert disturbance("cpu", busy_elsewhere=0.0, calibration=[10, 10],
+                       repeat_totals=[100, 160]).disturbed
+    on_gpu = disturbance("cuda", busy_elsewhere=9.0, calibration=[10, 11])  # cores: the host's
+    assert not on_gpu.disturbed and math.isnan(on_gpu.busy_elsewhere) and not on_gpu.reason
+
+
+def test_busy_elsewhere_counts_children_as_ours() -> None:
+    """An evaluation's loader processes are its own work: with children=True a child's CPU time
+    is not another job's (measured over the same window as without)."""
+    with BusyElsewhere(children=False) as others, BusyElsewhere(children=True) as ours:
+        child = subprocess.Popen([sys.executable, "-c",
+                                  "import time\nend = time.time() + 1\nwhile time.time() < end: "
+                                  "pass"])
+        child.wait()
+    assert others.cores - ours.cores > 0.3  # the child's share of a core, about 1
