@@ -3,8 +3,9 @@
 ASHA (Li et al., MLSys 2020) stops a trial at a rung unless it is among the best 1/η of the
 trials that reached that rung so far; MO-ASHA (Schmucker et al., 2021; syne-tune) replaces "best"
 by non-dominated sorting, so early stopping works with both objectives of the budget search
-(mIoU max, GFLOPs mean min; `metrics.SEARCH_OBJECTIVES`). Ray's own ASHA takes one metric, and
-OptunaSearch ignores intermediate results of a multi-objective study (docs/platform.md, pitfall 3).
+(mIoU max; the cost min: mean GFLOPs, or the p90 latency in ms with `tune.cost: latency`). Ray's
+own ASHA takes one metric, and OptunaSearch ignores intermediate results of a multi-objective
+study (docs/platform.md, pitfall 3).
 
 Rungs sit at grace_period·η^k iterations below `max_t` (the end of training, not a rung). A trial
 reporting `time_attr` ≥ a rung it has not been judged at is recorded there and judged against
@@ -96,13 +97,15 @@ class Decision:
 
 
 class MOASHA(FIFOScheduler):
-    """MO-ASHA over `metrics.SEARCH_OBJECTIVES` (see the module docstring for the rule).
+    """MO-ASHA over mIoU and the search's cost (see the module docstring for the rule).
 
     Args:
         max_t: the iterations a trial trains in all (no rung there).
         grace_period: the first rung, in `time_attr` units.
         reduction_factor: η; about 1/η of the trials at a rung go on to the next.
         time_attr: the result key that counts training progress (the trainable's step).
+        cost: the result key of the cost objective, minimised: the study's second objective
+            (`SearchSpec.cost_metric`), so that a rung ranks trials as the study does.
 
     Every result must carry both objectives and `time_attr`; one that does not is an error
     (a silently skipped decision would let a trial run to the end unjudged).
@@ -111,21 +114,22 @@ class MOASHA(FIFOScheduler):
     _supports_buffered_results = False  # decide at every rung, not on a batch of results
 
     def __init__(self, *, max_t: int, grace_period: int, reduction_factor: int,
-                 time_attr: str = STEP) -> None:
+                 time_attr: str = STEP, cost: str = GFLOPS_MEAN) -> None:
         super().__init__()
         self.levels = rung_levels(grace_period=grace_period, reduction_factor=reduction_factor,
                                   max_t=max_t)
         self.max_t = max_t
         self.reduction_factor = reduction_factor
         self.time_attr = time_attr
+        self.cost = cost
         self._rungs: dict[int, list[Point]] = {level: [] for level in self.levels}
         self.decisions: list[Decision] = []
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
-        return True  # the objectives are fixed: SEARCH_OBJECTIVES
+        return True  # the objectives are fixed: mIoU and `cost`
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        missing = [k for k in (self.time_attr, MIOU, GFLOPS_MEAN) if k not in result]
+        missing = [k for k in (self.time_attr, MIOU, self.cost) if k not in result]
         if missing:
             raise KeyError(f"MO-ASHA: trial {trial.trial_id} reported {sorted(result)} without "
                            f"{', '.join(missing)}; every report must carry both objectives and "
@@ -134,8 +138,9 @@ class MOASHA(FIFOScheduler):
         for level in reversed(self.levels):
             recorded = self._rungs[level]
             if t >= level and all(p.id != trial.trial_id for p in recorded):
+                # Point's `gflops` is the minimised cost of the sort, whichever cost it is.
                 recorded.append(Point(id=trial.trial_id, miou=result[MIOU],
-                                      gflops=result[GFLOPS_MEAN]))
+                                      gflops=result[self.cost]))
                 decision = self._judge(trial.trial_id, level)
                 return TrialScheduler.CONTINUE if decision.keep else TrialScheduler.STOP
         return TrialScheduler.CONTINUE

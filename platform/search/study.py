@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from dynroute.models import BUDGETS, NetworkConfig
 from dynroute.platform import metrics as M
+from dynroute.platform.search.latency_cost import LATENCY_KEYS, LatencyTiming
 from dynroute.platform.train.recipe import TrainConfig
 from dynroute.platform.train.spec import TrainSpec
 
@@ -37,13 +38,15 @@ BUDGET_KEYS = (M.EXPECTED_COST_RATIO, M.GFLOPS_FLOOR, M.GFLOPS_ALL_OPEN)
 # Per scene kind figures of a trial's evaluation, where the data records kinds (evaluation.py).
 BY_KIND = "by_kind"
 SCHEDULERS = ("fifo", "mo-asha")
+# tune.cost → the metric the study minimises beside mIoU (latency_cost.py says why p90).
+COSTS = {"gflops": M.GFLOPS_MEAN, "latency": M.LATENCY_P90_MS}
 # User attributes of the study and its trials.
 RUN_NAME_ATTR = "run_name"
 SEEDED_ATTR = "seeded_from"
 CONSTRAINT_ATTR = "constraint"  # gflops_mean − max_gflops; ≤ 0 is feasible
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 MODE_ATTR = "mode"
-
+COST_ATTR = "cost"  # tune.cost of the study; absent: a study from before tune.cost (gflops)
 
 
 class SearchError(ValueError):
@@ -178,7 +181,8 @@ class TuneSettings:
 
     space: dotted params.yaml keys (train.* or model.*) → {low, high, log}. storage: an Optuna
     journal file, or an RDB URL (postgresql://…, sqlite:///…) on a cluster. max_gflops > 0
-    switches to the hard-budget mode (best mIoU subject to real GFLOPs ≤ max_gflops).
+    switches to the hard-budget mode (best mIoU subject to real GFLOPs ≤ max_gflops). cost:
+    the second objective, the mean real GFLOPs or the measured p90 latency (latency_cost.py).
     """
 
     study: str = "dynroute-budget"
@@ -196,6 +200,7 @@ class TuneSettings:
     reduction_factor: int = 2  # mo-asha: keep ~1/η of the trials at each rung
     max_gflops: float = 0.0
     warm_start: bool = True  # train the trials' budget-free first steps once (warm_start.py)
+    cost: str = "gflops"  # gflops | latency
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +211,7 @@ class SearchSpec(TuneSettings):
     split: str = "val"
     cost_resolution: tuple[int, int] = (1024, 2048)
     max_failures: int = 1  # Tune retries of a failing trial
+    latency: LatencyTiming = field(default_factory=LatencyTiming)  # how, with cost: latency
     ranges: dict[str, Range] = field(init=False, repr=False, compare=False)
 
     @classmethod
@@ -238,6 +244,13 @@ class SearchSpec(TuneSettings):
         if not math.isfinite(self.max_gflops) or self.max_gflops < 0:
             raise SearchError(f"tune.max_gflops = {self.max_gflops}: 0 (Pareto search) or a "
                               f"positive GFLOPs budget")
+        if self.cost not in COSTS:
+            raise SearchError(f"tune.cost = {self.cost!r}: choose gflops (mean real GFLOPs) or "
+                              f"latency (measured p90 ms on the trials' device)")
+        if self.cost == "latency" and self.max_gflops > 0:
+            raise SearchError(f"tune.max_gflops = {self.max_gflops} bounds GFLOPs, and the hard-"
+                              f"budget mode optimises mIoU alone, so tune.cost: latency would "
+                              f"measure for nothing: set tune.max_gflops: 0 or tune.cost: gflops")
         if len(self.seed_budgets) > self.num_samples:
             raise SearchError(f"tune.num_samples = {self.num_samples} is smaller than the "
                               f"{len(self.seed_budgets)} tune.seed_budgets; raise it or seed "
@@ -248,6 +261,21 @@ class SearchSpec(TuneSettings):
     @property
     def mode(self) -> str:
         return "constrained" if self.max_gflops > 0 else "pareto"
+
+    @property
+    def cost_metric(self) -> str:
+        """The second objective's metric: gflops_mean or latency_p90_ms."""
+        return COSTS[self.cost]
+
+    @property
+    def objectives(self) -> tuple[tuple[str, str], ...]:
+        """(metric, direction) of the Pareto search: mIoU (max), then the cost (min)."""
+        (miou, up), (_, down) = M.SEARCH_OBJECTIVES
+        return ((miou, up), (self.cost_metric, down))
+
+    @property
+    def report_keys(self) -> tuple[str, ...]:
+        return report_keys(self.cost)
 
     @property
     def stops(self) -> tuple[int, ...]:
@@ -296,8 +324,15 @@ def load_study(spec: SearchSpec, storage=None):
     if list(study.directions) != expected or mode not in (None, spec.mode):
         raise SearchError(f"study {spec.study!r} in {spec.storage} was run in {mode} mode; "
                           f"tune.max_gflops now asks for {spec.mode}: use another tune.study")
+    cost = study.user_attrs.get(COST_ATTR, "gflops" if mode is not None else None)
+    if cost not in (None, spec.cost):
+        raise SearchError(f"study {spec.study!r} in {spec.storage} minimised {cost}; tune.cost "
+                          f"now asks for {spec.cost}, and the trials' values would mix the "
+                          f"two: use another tune.study")
     if mode is None:
         study.set_user_attr(MODE_ATTR, spec.mode)
+    if COST_ATTR not in study.user_attrs:
+        study.set_user_attr(COST_ATTR, spec.cost)
     return study
 
 
@@ -342,14 +377,20 @@ class _GflopsConstraint:
         return (float(trial.user_attrs.get(CONSTRAINT_ATTR, math.inf)),)
 
 
-def check_report(result: Mapping[str, object], *, where: str) -> dict[str, float]:
-    """The objectives and GFLOPs figures of a report; an error if one is missing or not finite."""
-    bad = [k for k in (*REPORT_KEYS, STEP) if not isinstance(result.get(k), int | float)
+def report_keys(cost: str) -> tuple[str, ...]:
+    """The figures every report must carry: REPORT_KEYS, and the latencies for cost: latency."""
+    return (*REPORT_KEYS, *LATENCY_KEYS) if cost == "latency" else REPORT_KEYS
+
+
+def check_report(result: Mapping[str, object], *, where: str,
+                 keys: Sequence[str] = REPORT_KEYS) -> dict[str, float]:
+    """The `keys` (report_keys) of a report; an error if one is missing or not finite."""
+    bad = [k for k in (*keys, STEP) if not isinstance(result.get(k), int | float)
            or not math.isfinite(result[k])]
     if bad:
         raise ValueError(f"{where}: the report lacks finite {', '.join(bad)} (got "
                          f"{ {k: result.get(k) for k in bad} }); Optuna would drop the trial")
-    return {k: float(result[k]) for k in (*REPORT_KEYS, STEP)}
+    return {k: float(result[k]) for k in (*keys, STEP)}
 
 
 def make_sampler(spec: SearchSpec, done: int):

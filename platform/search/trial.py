@@ -4,8 +4,9 @@
 split) runs as a Ray task, `train_and_evaluate`, that reserves the trial's CPUs (and GPU):
 Ray Train V2's in-process mode refuses to run inside a Tune function. A GPU run on several Ray
 Train workers evaluates in a task of its own that takes a GPU the workers have handed back
-(`rung_evaluation_options`). The trial's training run is named after the Optuna trial, so running
-the trial again resumes its checkpoint and MLflow run.
+(`rung_evaluation_options`). With `tune.cost: latency` each evaluation also times the network on
+the device it evaluated on (latency_cost.py). The trial's training run is named after the Optuna
+trial, so running the trial again resumes its checkpoint and MLflow run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dynroute.platform.data.dataset import ShardDataset
 from dynroute.platform.data.shards import read_manifest, read_scene_kinds
 from dynroute.platform.device.fast_path import inference_device
 from dynroute.platform.evaluate.evaluation import evaluate
+from dynroute.platform.search.latency_cost import LatencyTiming, measure_latency, trial_threads
 from dynroute.platform.search.study import (
     BY_KIND,
     SEEDED_ATTR,
@@ -31,6 +33,7 @@ from dynroute.platform.search.study import (
     SearchSpec,
     apply_params,
     check_report,
+    report_keys,
 )
 from dynroute.platform.search.warm_start import WARM_START_TAG, seed_run
 from dynroute.platform.tracking import runs
@@ -84,12 +87,15 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
         seed_run(setup.warm_start, f"{spec.storage.rstrip('/')}/{spec.name}")
     stage = ray.remote(train_and_evaluate).options(
         num_cpus=search.trial_cpus, num_gpus=setup.task_gpus, max_retries=0)
+    latency = search.latency if search.cost == "latency" else None
     for stop in search.stops:
         final = stop >= search.iterations
         report = ray.get(stage.remote(spec.to_dict(), stop=None if final else stop,
                                       split=search.split,
-                                      cost_resolution=search.cost_resolution))
-        check_report(report, where=f"trial {config['run_name']} at step {stop}")
+                                      cost_resolution=search.cost_resolution, latency=latency,
+                                      threads=trial_threads(search.trial_cpus)))
+        check_report(report, where=f"trial {config['run_name']} at step {stop}",
+                     keys=search.report_keys)
         tune.report(report)
 
 
@@ -112,9 +118,11 @@ def train_prefix(spec_dict: dict) -> tuple[str, str | None]:
 
 
 def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
-                       cost_resolution: tuple[int, int]) -> dict:
+                       cost_resolution: tuple[int, int], latency: LatencyTiming | None = None,
+                       threads: int = 1) -> dict:
     """Train `spec` up to `stop` (None: the end), evaluate its checkpoint on `split` with hard
-    routing, log the figures to its MLflow run; the report (objectives, GFLOPs, step, ids)."""
+    routing (and time it as `latency` says, with `threads` on a CPU; None: no timing), log the
+    figures to its MLflow run; the report (objectives, GFLOPs, latencies, step, ids)."""
     spec = TrainSpec.from_dict(spec_dict)
     final = stop is None
     checkpoint = completed_checkpoint(spec) if final else None
@@ -128,17 +136,20 @@ def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
         options = rung_evaluation_options(spec)
         if options is None:  # this task holds the trial's CPUs, and its GPU if it trained here
             figures = _evaluate(spec, state["model"], split=split,
-                                cost_resolution=cost_resolution)
+                                cost_resolution=cost_resolution, latency=latency,
+                                threads=threads)
         else:
             task = ray.remote(evaluate_checkpoint).options(**options)
             figures = ray.get(task.remote(spec_dict, str(checkpoint), split=split,
-                                          cost_resolution=cost_resolution))
+                                          cost_resolution=cost_resolution, latency=latency,
+                                          threads=threads))
         ended = state.get("figures", {}).get(M.EXPECTED_COST_RATIO)  # older checkpoints: none
         if ended is not None:
             figures = figures | {M.EXPECTED_COST_RATIO: float(ended)}
         report = figures | {STEP: step, "iterations": spec.train.iterations,
                             "checkpoint": str(checkpoint), "mlflow_run_id": run_id or ""}
-        check_report(report, where=f"{spec.name} at step {step}")
+        check_report(report, where=f"{spec.name} at step {step}",
+                     keys=report_keys("gflops" if latency is None else "latency"))
     except Exception:  # the trial fails: so does its run (the training may have finished it)
         runs.end_run(spec.tracking.uri, spec.tracking.experiment, run_id, "FAILED")
         raise
@@ -166,27 +177,33 @@ def rung_evaluation_options(spec: TrainSpec) -> dict | None:
 
 
 def evaluate_checkpoint(spec_dict: dict, checkpoint: str, *, split: str,
-                        cost_resolution: tuple[int, int]) -> dict:
+                        cost_resolution: tuple[int, int], latency: LatencyTiming | None = None,
+                        threads: int = 1) -> dict:
     """The figures of `checkpoint` on `split` (a Ray task of its own: `rung_evaluation_options`)."""
     spec = TrainSpec.from_dict(spec_dict)
     state = ray_train.load_state(checkpoint, name=STATE_FILE)
-    return _evaluate(spec, state["model"], split=split, cost_resolution=cost_resolution)
+    return _evaluate(spec, state["model"], split=split, cost_resolution=cost_resolution,
+                     latency=latency, threads=threads)
 
 
-def _evaluate(spec: TrainSpec, weights: dict, *, split: str,
-              cost_resolution: tuple[int, int]) -> dict:
+def _evaluate(spec: TrainSpec, weights: dict, *, split: str, cost_resolution: tuple[int, int],
+              latency: LatencyTiming | None = None, threads: int = 1) -> dict:
     """mIoU and per-image GFLOPs of the network `weights` on `split`, with hard routing, on the
-    GPU this process holds when the run trains on GPUs (else on the CPU)."""
+    GPU this process holds when the run trains on GPUs (else on the CPU); with `latency`, its
+    latency there too (latency_cost.py: only when the study minimises it, timing costs time)."""
     network = build_network(spec.network)
     network.load_state_dict(weights)
     manifest = read_manifest(spec.data)
+    device = inference_device() if spec.use_gpu else torch.device("cpu")
     with torch.inference_mode():
         result = evaluate(network, ShardDataset(root=spec.data, split=split, train=False,
                                                 crop=None, verify=True),
                           num_classes=manifest.num_classes, class_names=manifest.class_names,
-                          cost_resolution=tuple(cost_resolution),
-                          device=inference_device() if spec.use_gpu else "cpu",
+                          cost_resolution=tuple(cost_resolution), device=device,
                           scene_kinds=read_scene_kinds(spec.data, split))
+    timed = {} if latency is None else measure_latency(
+        network, data=spec.data, split=split, resolution=tuple(cost_resolution), device=device,
+        threads=threads, timing=latency)
     g = result.gflops
     cost = network.cost_model(*cost_resolution)
     all_open = cost.all_open_real()
@@ -194,7 +211,7 @@ def _evaluate(spec: TrainSpec, weights: dict, *, split: str,
             M.GFLOPS_MIN: g.min, M.GFLOPS_P50: g.p50, M.GFLOPS_P90: g.p90,
             M.GFLOPS_ALL_OPEN: all_open / 1e9,
             M.GFLOPS_FLOOR: (all_open - cost.all_open_expected()) / 1e9,
-            BY_KIND: result.by_kind()}
+            BY_KIND: result.by_kind(), **timed}
 
 
 def _log_evaluation(spec: TrainSpec, run_id: str, figures: dict, *, step: int,

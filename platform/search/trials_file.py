@@ -2,7 +2,10 @@
 
 One record per finished trial (all sessions of the study): its state, λ2 and μ, the objectives and
 GFLOPs figures, where its checkpoint and MLflow run are, and where its budget ended
-(`budget_end`). The pareto and register stages read the file; `dynroute report` shows it.
+(`budget_end`). With `tune.cost: latency` the document says so (`cost`, and `objectives` names
+latency_p90_ms) and each trial also records its latencies, the device key they were measured on
+and their noise (latency_cost.py). The pareto and register stages read the file (and stay on
+GFLOPs); `dynroute report` shows it.
 """
 
 from __future__ import annotations
@@ -11,10 +14,10 @@ import json
 from pathlib import Path
 
 from dynroute.platform import metrics as M
+from dynroute.platform.search.latency_cost import LATENCY_DEVICE, LATENCY_NOISE
 from dynroute.platform.search.study import (
     BUDGET_KEYS,
     BY_KIND,
-    REPORT_KEYS,
     RUN_NAME_ATTR,
     SEEDED_ATTR,
     STEP,
@@ -32,6 +35,7 @@ BUDGET_TOLERANCE = 0.05
 def trial_records(search: SearchSpec, base: TrainSpec, study) -> list[dict]:
     """One record per finished trial of the study (all sessions), by trial number."""
     records = []
+    keys = search.report_keys  # with cost: latency, the latencies too
     for t in study.get_trials(deepcopy=False):
         state = _TRIAL_STATES.get(t.state.name)
         if state is None:  # WAITING or RUNNING: never run, or still running elsewhere
@@ -48,13 +52,16 @@ def trial_records(search: SearchSpec, base: TrainSpec, study) -> list[dict]:
             "seeded_from": attrs.get(SEEDED_ATTR), "params": dict(t.params),
             "lambda2": lambda2, "mu": mu,
             "iterations": search.iterations,
-            **{k: attrs.get(k) if complete else None for k in (*REPORT_KEYS, *BUDGET_KEYS)},
+            **{k: attrs.get(k) if complete else None for k in (*keys, *BUDGET_KEYS)},
             "checkpoint": attrs.get("checkpoint") if complete else None,
             "mlflow_run_id": run_id,
             "model_uri": f"runs:/{run_id}/model" if complete and run_id else None,
             "run_name": attrs.get(RUN_NAME_ATTR),
             "retry_of": t.system_attrs.get("failed_trial"),
         }
+        if search.cost == "latency":
+            for key in (LATENCY_DEVICE, LATENCY_NOISE):
+                record[key] = attrs.get(key) if complete else None
         if complete:
             record[BY_KIND] = attrs.get(BY_KIND)
             record["budget_end"] = budget_end(
@@ -62,7 +69,7 @@ def trial_records(search: SearchSpec, base: TrainSpec, study) -> list[dict]:
                 gflops=attrs.get(M.GFLOPS_MEAN), floor=attrs.get(M.GFLOPS_FLOOR),
                 all_open=attrs.get(M.GFLOPS_ALL_OPEN))
         if state == "PRUNED" and STEP in attrs:  # the figures where the scheduler stopped it
-            record["last_rung"] = {k: attrs.get(k) for k in (STEP, *REPORT_KEYS)}
+            record["last_rung"] = {k: attrs.get(k) for k in (STEP, *keys)}
         if search.mode == "constrained":
             constraints = t.system_attrs.get("constraints")
             record["constraint"] = constraints[0] if constraints else None
@@ -102,7 +109,8 @@ def write_trials(search: SearchSpec, base: TrainSpec, study, *,
         "study": search.study, "mode": search.mode,
         "max_gflops": search.max_gflops if search.mode == "constrained" else None,
         "storage": search.storage,
-        "objectives": [list(o) for o in M.SEARCH_OBJECTIVES],
+        "cost": search.cost,  # tune.cost: the second objective's figure
+        "objectives": [list(o) for o in search.objectives],
         "cost_resolution": list(search.cost_resolution),
         "parent_run_id": parent_run_id,
         "trials": trial_records(search, base, study),

@@ -5,6 +5,8 @@ set by Optuna, evaluates it with hard routing on the validation split and report
 objectives of `metrics.SEARCH_OBJECTIVES` — mIoU (max) and the mean real GFLOPs per image
 (min) — with the GFLOPs distribution (max/min/p50/p90) and the step. The Optuna study, in
 persistent storage under a fixed name, is the source of truth; `trials.json` is written from it.
+With `tune.cost: latency` the second objective is the trial's measured p90 latency per image
+instead of its GFLOPs (latency_cost.py, which says why trials timed on a CPU run one at a time).
 This module is the driver (`run_study`); the settings, space and study are in study.py, one
 trial's work in trial.py, early stopping in mo_asha.py and the shared start in warm_start.py.
 
@@ -81,13 +83,14 @@ from ray.tune.search.optuna import OptunaSearch
 
 from dynroute.platform import metrics as M
 from dynroute.platform.data.shards import read_manifest
+from dynroute.platform.search.latency_cost import LATENCY_DEVICE, LATENCY_NOISE, check_concurrency
 from dynroute.platform.search.mo_asha import MOASHA
 from dynroute.platform.search.study import (
     BUDGET_KEYS,
     BY_KIND,
     CONSTRAINT_ATTR,
+    COSTS,
     PARENT_RUN_ATTR,
-    REPORT_KEYS,
     SEEDED_ATTR,
     STEP,
     DefineTrial,
@@ -98,6 +101,7 @@ from dynroute.platform.search.study import (
     load_study,
     make_sampler,
     open_storage,
+    report_keys,
     requeue_interrupted,
     seed_points,
 )
@@ -117,10 +121,12 @@ from dynroute.platform.train.spec import TrainSpec
 class _StudySearch(OptunaSearch):
     """OptunaSearch that tells stopped trials PRUNED and records figures before `tell`."""
 
-    def __init__(self, *, iterations: int, max_gflops: float, **kwargs) -> None:
+    def __init__(self, *, iterations: int, max_gflops: float, cost: str = "gflops",
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self._iterations = iterations
         self._max_gflops = max_gflops
+        self._cost = cost  # tune.cost: which figure is the second value
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -129,16 +135,17 @@ class _StudySearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         state, values = TrialState.FAIL, None
         if result and not error:
-            figures = check_report(result, where=f"trial {ot_trial.number}")
+            figures = check_report(result, where=f"trial {ot_trial.number}",
+                                   keys=report_keys(self._cost))
             for key, value in figures.items():
                 ot_trial.set_user_attr(key, int(value) if key == STEP else value)
             for key in BUDGET_KEYS:
                 if isinstance(result.get(key), int | float):
                     ot_trial.set_user_attr(key, float(result[key]))
-            by_kind = _unflattened(result, BY_KIND)
-            if by_kind:
-                ot_trial.set_user_attr(BY_KIND, by_kind)
-            for key in ("checkpoint", "mlflow_run_id"):
+            for key in (BY_KIND, LATENCY_NOISE):
+                if nested := _unflattened(result, key):
+                    ot_trial.set_user_attr(key, nested)
+            for key in ("checkpoint", "mlflow_run_id", LATENCY_DEVICE):
                 if result.get(key):
                     ot_trial.set_user_attr(key, str(result[key]))
             if self._max_gflops > 0:
@@ -147,7 +154,7 @@ class _StudySearch(OptunaSearch):
             if figures[STEP] >= self._iterations:
                 state = TrialState.COMPLETE
                 values = ([figures[M.MIOU]] if self._max_gflops > 0 else
-                          [figures[name] for name, _ in M.SEARCH_OBJECTIVES])
+                          [figures[M.MIOU], figures[COSTS[self._cost]]])
             else:
                 state = TrialState.PRUNED  # stopped at a rung by the scheduler
         self._ot_study.tell(ot_trial, values, state=state)
@@ -219,7 +226,7 @@ class _StudyCallback(tune.Callback):
             number = trial.config.get("optuna_trial")
             entry = {"id": self.search.trial_id(number) if number is not None else None,
                      "number": number, "state": state,
-                     **{k: result.get(k) for k in (*REPORT_KEYS, STEP)}}
+                     **{k: result.get(k) for k in (*self.search.report_keys, STEP)}}
             self.on_trial(entry, self.done, self.search.num_samples)
 
     def _run_of(self, trial) -> str | None:
@@ -246,7 +253,7 @@ def _parent_run(spec: SearchSpec, base: TrainSpec, study):
     tracker, run_id = runs.open_study_run(
         base.tracking.uri, base.tracking.experiment,
         known_run_id=study.user_attrs.get(PARENT_RUN_ATTR), run_name=spec.study,
-        tags={"study": spec.study, "mode": spec.mode})
+        tags={"study": spec.study, "mode": spec.mode, "cost": spec.cost})
     study.set_user_attr(PARENT_RUN_ATTR, run_id)
     return tracker, run_id
 
@@ -266,6 +273,8 @@ def run_study(search: SearchSpec, base: TrainSpec, *, resume: bool = False,
             figures; trials done in the study; num_samples).
         verbose: Ray Tune's console verbosity (0 silent, 1 status tables).
     """
+    check_concurrency(cost=search.cost, max_concurrent=search.max_concurrent,
+                      on_gpu=base.use_gpu)
     if "://" not in base.data:
         base = replace(base, data=os.path.abspath(base.data))
     read_manifest(base.data)  # fail early and clearly when the data is missing
@@ -334,15 +343,16 @@ def _fit(search, base, study, storage, *, done, remaining, parent_id, on_trial, 
     setup = TrialSetup(base=base.to_dict(), search=search, parent_run_id=parent_id,
                        task_gpus=task_gpus, warm_start=prefix, warm_start_run_id=prefix_run)
     objectives = ([M.MIOU], ["max"]) if search.mode == "constrained" else (
-        [m for m, _ in M.SEARCH_OBJECTIVES], [d for _, d in M.SEARCH_OBJECTIVES])
+        [m for m, _ in search.objectives], [d for _, d in search.objectives])
     searcher = _StudySearch(
         space=DefineTrial(search.ranges.values(), search.study), metric=objectives[0],
         mode=objectives[1], sampler=make_sampler(search, len(study.trials)),
         study_name=search.study, storage=storage, iterations=search.iterations,
-        max_gflops=search.max_gflops)
+        max_gflops=search.max_gflops, cost=search.cost)
     if scheduler is not None:
         scheduler = scheduler(max_t=search.iterations, grace_period=search.grace_period,
-                              reduction_factor=search.reduction_factor, time_attr=STEP)
+                              reduction_factor=search.reduction_factor, time_attr=STEP,
+                              cost=search.cost_metric)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     trial_resources(search, base))
     concurrent = max_concurrent_trials(search, base, ray.cluster_resources())
