@@ -271,7 +271,8 @@ def evaluate_command(
     fast: InferenceFast = None,
     device: InferenceDevice = None,
 ) -> None:
-    """mIoU, per-class IoU, real GFLOPs per image, gate usage and latency of a checkpoint."""
+    """mIoU, per-class IoU, real GFLOPs per image, gate usage and latency of a checkpoint (the
+    latency withheld when another job disturbed the timing; `dynroute profile` measures it)."""
     from dynroute.pipelines.report import kind_lines
     from dynroute.pipelines.run import run_evaluation
 
@@ -289,6 +290,7 @@ def evaluate_command(
                f"at {result.cost_resolution[0]}x{result.cost_resolution[1]}; {out}")
     for line in kind_lines(result.by_kind()):
         typer.echo(line)
+    typer.echo(result.latency_line())
 
 
 @app.command("pareto")
@@ -374,6 +376,7 @@ def ui_command(
 # === registry: dynroute register / select / predict (pipelines/cli_registry.py) =============
 app.command("register")(cli_registry.register_command)
 app.command("select")(cli_registry.select_command)
+app.command("profile")(cli_registry.profile_command)
 app.command("predict")(cli_registry.predict_command)
 model_app.command("convert")(cli_registry.convert_command)
 # === end of the registry block ===============================================================

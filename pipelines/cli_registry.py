@@ -71,7 +71,16 @@ def register_command(
 
 
 def select_command(
-    max_gflops: Annotated[float, typer.Option(help="Budget: mean GFLOPs at most this.")],
+    max_gflops: Annotated[float | None, typer.Option(
+        help="Budget: mean GFLOPs at most this.")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(
+        help="Budget: latency per image at most this many ms on --device (as `dynroute "
+             "profile` measured it).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="The device key of --max-latency-ms (`dynroute profile` prints it; default: this "
+             "machine's, for evaluate.device).")] = None,
+    percentile: Annotated[str, typer.Option(
+        help="Which latency over the images: p50 or p90.")] = "p90",
     min_miou: Annotated[float | None, typer.Option(help="Also require mIoU at least this.")]
     = None,
     params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
@@ -79,30 +88,81 @@ def select_command(
         help="Which dataset's registered model (default: data.dataset).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """The most accurate registered front model within a GFLOPs budget (exit 1 if none fits)."""
+    """The most accurate registered front model within a GFLOPs budget, a latency budget on one
+    device, or both (exit 1 if none fits)."""
     from dynroute.pipelines.registry_stage import run_select
 
+    if max_gflops is None and max_latency_ms is None:
+        raise fail("give a budget: --max-gflops N, --max-latency-ms N, or both")
+    if device is not None and max_latency_ms is None:
+        raise fail("--device names where a latency budget applies: give --max-latency-ms too")
     p = load_params(params)
     try:
         with tracking_uri(p) as uri:
-            chosen = run_select(p, uri=uri, max_gflops=max_gflops, min_miou=min_miou,
-                                dataset=dataset)
+            chosen, why = run_select(p, uri=uri, max_gflops=max_gflops, min_miou=min_miou,
+                                     dataset=dataset, max_latency_ms=max_latency_ms,
+                                     device=device, percentile=percentile)
     except _registry_errors() as err:
         raise fail(str(err)) from None
     if chosen is None:
-        bound = f" and mIoU >= {min_miou:g}" if min_miou is not None else ""
-        raise fail(f"no model on the registered front has mean GFLOPs <= {max_gflops:g}{bound}; "
-                   f"raise the budget or see the front with `dynroute register`")
+        bounds = [f"mean GFLOPs <= {max_gflops:g}"] if max_gflops is not None else []
+        if max_latency_ms is not None:
+            bounds.append(f"{percentile} latency <= {max_latency_ms:g} ms")
+        if min_miou is not None:
+            bounds.append(f"mIoU >= {min_miou:g}")
+        raise fail(f"no model on the registered front has {' and '.join(bounds)}"
+                   f"{'; ' + why if why else ''}; raise the budget or see the front with "
+                   f"`dynroute report`")
     if as_json:
         typer.echo(json.dumps(chosen.to_dict(), indent=2))
         return
     mean, low, high = (_registry_figure(g) for g in
                        (chosen.gflops_mean, chosen.gflops_min, chosen.gflops_max))
+    latency = (f"; {chosen.percentile} latency {chosen.latency_ms:.4g} ms on {chosen.device}"
+               if chosen.latency_ms is not None else "")
     typer.echo(f"{chosen.name} version {chosen.version}: {chosen.uri}\n"
                f"mIoU {_registry_figure(chosen.miou, '.4f')}, GFLOPs mean {mean} (min {low}, "
-               f"max {high}) at {chosen.cost_resolution or '?'}; trial {chosen.trial or '-'}; "
-               f"aliases "
-               f"{', '.join(chosen.aliases) or '-'}")
+               f"max {high}) at {chosen.cost_resolution or '?'}{latency}; trial "
+               f"{chosen.trial or '-'}; aliases {', '.join(chosen.aliases) or '-'}")
+
+
+def profile_command(
+    params: Annotated[Path, typer.Option(help="The params file.")] = Path("params.yaml"),
+    model: Annotated[str | None, typer.Option(
+        help="Profile only this version: models:/NAME/VERSION or models:/NAME@ALIAS (default: "
+             "every version on the registered front).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for profile.json and the plot.")]
+    = Path("artifacts/profile"),
+    metrics: Annotated[Path | None, typer.Option(
+        help="Also write the headline here (a DVC metrics file).")] = None,
+    device: InferenceDevice = None,
+) -> None:
+    """Measure the registered front's latency per image on this machine's device and record it on
+    each version, under a key naming the device (`dynroute select --max-latency-ms` reads it)."""
+    from dynroute.pipelines.profile_stage import run_profile
+    from dynroute.platform.evaluate.latency import LatencyDisturbed
+
+    p = with_inference(load_params(params), fast=None, device=device)
+    try:
+        with tracking_uri(p) as uri:
+            run = run_profile(p, uri=uri, out=out, model=model, metrics=metrics,
+                              progress=lambda line: typer.echo(line, err=True))
+    except (*_registry_errors(), LatencyDisturbed) as err:
+        raise fail(str(err)) from None
+    typer.echo(f"{run.name} on {run.device}:\n")
+    typer.echo(f"{'version':>7}  {'trial':<26}{'mIoU':>8}{'GFLOPs':>9}{'p50 ms':>9}"
+               f"{'p90 ms':>9}{'spread':>8}  front")
+    for item in sorted(run.profiled, key=lambda i: i.profile.p90_ms):
+        v, prof = item.version, item.profile
+        typer.echo(f"{v.version:>7}  {(v.trial or '-')[:25]:<26}"
+                   f"{_registry_figure(v.miou, '.4f'):>8}{_registry_figure(v.gflops_mean):>9}"
+                   f"{prof.p50_ms:>9.4g}{prof.p90_ms:>9.4g}{prof.spread:>8.1%}  "
+                   f"{'yes' if v.version in run.front else '-'}")
+    d = run.disagreement
+    if d["pairs"]:
+        typer.echo(f"\nGFLOPs and p90 latency order {d['pairs'] - d['discordant']} of "
+                   f"{d['pairs']} version pairs alike (Kendall tau {d['kendall_tau']:.2f})")
+    typer.echo(f"summary: {run.summary}; plot: {run.plot}")
 
 
 def predict_command(

@@ -12,11 +12,17 @@ from pathlib import Path
 
 from dynroute.platform.config.params import Params
 from dynroute.platform.device.fast_path import inference_device
+from dynroute.platform.evaluate.latency import device_key
 from dynroute.platform.evaluate.predict import CLASSES, PredictError, Prediction, predict
 from dynroute.platform.files import write_json_atomic
 from dynroute.platform.registry.front import RegistryError, model_name
 from dynroute.platform.registry.register import RegistryState, register_front
-from dynroute.platform.registry.selection import Selection, select_version
+from dynroute.platform.registry.selection import (
+    LatencyBudget,
+    Selection,
+    select_version,
+    why_none,
+)
 from dynroute.platform.train.checkpoints import load_model
 
 
@@ -46,15 +52,27 @@ def headline(state: RegistryState) -> dict:
             "knee_version": state.aliases.get("knee")}
 
 
-def run_select(params: Params, *, uri: str | None, max_gflops: float,
-               min_miou: float | None = None, dataset: str | None = None) -> Selection | None:
-    """The best front version within `max_gflops` (and above `min_miou`), or None.
+def run_select(params: Params, *, uri: str | None, max_gflops: float | None,
+               min_miou: float | None = None, dataset: str | None = None,
+               max_latency_ms: float | None = None, device: str | None = None,
+               percentile: str = "p90") -> tuple[Selection | None, str | None]:
+    """The best front version within the budgets, or None and what comes closest to the latency
+    budget (None without one).
 
-    The registered model is `registry.name` filled with `dataset` (default `data.dataset`).
+    The registered model is `registry.name` filled with `dataset` (default `data.dataset`); a
+    latency budget's device defaults to this machine's (`evaluate.device`, torch's threads).
     """
     name = model_name(params.registry.name, dataset or params.data.dataset)
-    return select_version(tracking_uri=_require(uri), name=name, max_gflops=max_gflops,
-                          min_miou=min_miou)
+    latency = None
+    if max_latency_ms is not None:
+        latency = LatencyBudget(max_ms=max_latency_ms, percentile=percentile, device=device or
+                                device_key(inference_device(params.evaluate.device,
+                                                            key="evaluate.device")))
+    chosen = select_version(tracking_uri=_require(uri), name=name, max_gflops=max_gflops,
+                            min_miou=min_miou, latency=latency)
+    why = (why_none(tracking_uri=uri, name=name, latency=latency)
+           if chosen is None and latency is not None else None)
+    return chosen, why
 
 
 def infer_dataset(num_classes: int) -> str:

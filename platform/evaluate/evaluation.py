@@ -49,12 +49,8 @@ from dynroute.models.route_statistics import RouteStatistics
 from dynroute.models.routing_space import NodeId
 from dynroute.platform.data.shards import IGNORE_INDEX
 from dynroute.platform.device import fast_path
-from dynroute.platform.evaluate.latency import (
-    Conditions,
-    LatencyWatch,
-    device_key,
-    processor_name,
-)
+from dynroute.platform.evaluate.disturbance import LatencyWatch
+from dynroute.platform.evaluate.latency import Conditions, device_key, processor_name
 from dynroute.platform.evaluate.prediction_files import (
     PredictionFormat,
     cityscapes_label_ids,

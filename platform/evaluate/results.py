@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 from dynroute.models.route_statistics import RouteStatistics
 from dynroute.models.routing_space import Path as RoutePath
 from dynroute.platform import metrics
-from dynroute.platform.evaluate.latency import Conditions, Disturbance
+from dynroute.platform.evaluate.disturbance import Disturbance
+from dynroute.platform.evaluate.latency import Conditions
 
 if TYPE_CHECKING:
     from dynroute.platform.evaluate.evaluation import TTA, ConfusionMatrix

@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -95,6 +95,42 @@ def plot_front(points: Iterable[Point], out_png: os.PathLike | str, *, title: st
     ax.set_xlabel("GFLOPs per image (mean, real)")
     ax.set_ylabel("mIoU")
     ax.set_title(f"{title or 'Pareto front'}\n{_caption(summary)}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    return _atomic(out_png, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+
+
+def plot_fronts(series: Mapping[str, Iterable[Point]], out_png: os.PathLike | str, *,
+                xlabel: str, title: str) -> Path:
+    """A PNG of several sets of points on one pair of axes (cost on x, mIoU on y), each with its
+    front as a staircase: e.g. the registered versions' latency on each device profiled.
+
+    Args:
+        series: label → points (invalid points are left out); an empty mapping draws the axes
+            with a note that there is nothing to show.
+        out_png: the PNG to write.
+        xlabel, title: the x axis's label and the figure's title.
+    """
+    fig = Figure(figsize=(6.4, 4.2), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, points in series.items():
+        summary = summarize(points)
+        valid = [p for front in summary.fronts.fronts for p in front]
+        drawn = ax.scatter([p.gflops for p in valid], [p.miou for p in valid], s=24,
+                           label=label, zorder=3)
+        if summary.front:
+            xs, ys = _staircase(summary.front)
+            ax.plot(xs, ys, color=drawn.get_facecolor()[0], linewidth=1.2, zorder=2)
+        for p in valid:
+            ax.annotate(p.id, (p.gflops, p.miou), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    if series:
+        ax.legend(loc="lower right", fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "nothing profiled yet", ha="center", transform=ax.transAxes)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mIoU")
+    ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     return _atomic(out_png, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
 

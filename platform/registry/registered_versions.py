@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from dynroute.platform import metrics
 from dynroute.platform.registry.front import RegistryError
+from dynroute.platform.registry.latency import DeviceLatency, parse_latency_tags
 from dynroute.platform.tracking.client import mlflow_client
 
 __all__ = ["RegisteredVersion", "all_versions", "describe_versions", "read_versions",
@@ -84,6 +85,7 @@ class RegisteredVersion:
     pareto: bool
     pareto_rank: str | None
     aliases: tuple[str, ...]
+    latency: Mapping[str, DeviceLatency] = field(default_factory=dict)  # by device key
 
 
 def _describe(version, aliases_of: Mapping[str, list[str]]) -> RegisteredVersion:
@@ -96,7 +98,7 @@ def _describe(version, aliases_of: Mapping[str, list[str]]) -> RegisteredVersion
         gflops_min=_float_tag(tags, metrics.GFLOPS_MIN),
         cost_resolution=tags.get(TAG_RESOLUTION), pareto=tags.get(TAG_PARETO) == "true",
         pareto_rank=tags.get(TAG_RANK), aliases=tuple(sorted(aliases_of.get(
-            str(version.version), []))))
+            str(version.version), []))), latency=parse_latency_tags(tags))
 
 
 def describe_versions(client: MlflowClient, name: str, aliases: Mapping[str, object],

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from cityscapesscripts.helpers.labels import trainId2label
+from mlflow import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -205,3 +206,147 @@ def test_predict_writes_a_colour_mask_and_a_route_drawing_per_image(workspace, r
                          f"models:/{MODEL}@knee", street, "--out", out, "--device", device)
         assert refused.exit_code == 1, refused.output
         assert f"evaluate.device = '{device}'" in refused.stderr and message in refused.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency per device: `dynroute profile` and `select --max-latency-ms`
+
+
+@pytest.fixture(scope="module")
+def profile_params(workspace: Workspace) -> Path:
+    """The workspace's params with a tiny prepared dataset to time (4 val images, 64x128)."""
+    from dynroute.pipelines.prepare import prepare
+    from dynroute.pipelines.synth import synthesize
+
+    raw, prepared = workspace.root / "raw", workspace.root / "prepared"
+    synthesize("cityscapes", raw, train=2, val=4, height=64, width=128, seed=0)
+    prepare("cityscapes", raw, prepared)
+    params = yaml.safe_load(workspace.params.read_text())
+    params["data"]["prepared"] = str(prepared)
+    params["evaluate"] = {"cost_resolution": [64, 128], "device": "cpu"}
+    params["profile"] = {"warmup": 1, "repeats": 3}
+    path = workspace.root / "profile-params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def noisy_params(profile_params: Path) -> Path:
+    """As `profile_params`, recording disturbed figures marked so: the test box may be busy."""
+    params = yaml.safe_load(profile_params.read_text())
+    params["profile"]["accept_disturbed"] = True
+    path = profile_params.with_name("noisy-params.yaml")
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _latency_tags(workspace: Workspace) -> dict[str, dict[str, dict]]:
+    client = MlflowClient(tracking_uri=workspace.server.uri, registry_uri=workspace.server.uri)
+    return {v.tags["trial"]: {k: json.loads(t) for k, t in v.tags.items()
+                              if k.startswith("latency/")}
+            for v in client.search_model_versions(f"name='{MODEL}'")}
+
+
+def _hogs() -> list[subprocess.Popen]:
+    """One busy loop per core this process may use: another job sharing the CPU throughout."""
+    import os
+
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(len(os.sched_getaffinity(0)))]
+
+
+def test_profile_refuses_to_record_latency_while_another_job_shares_the_cpu(
+        workspace, registered, profile_params, tmp_path):
+    before = _latency_tags(workspace)
+    hogs = _hogs()
+    try:
+        result = invoke("profile", "--params", profile_params, "--out", tmp_path / "profile")
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert result.exit_code == 1, result.output
+    assert "disturbed in all 3 attempt(s)" in result.stderr
+    assert "CPU cores busy" in result.stderr and "stop it and profile again" in result.stderr
+    assert "Traceback" not in result.output
+    assert _latency_tags(workspace) == before  # nothing recorded
+    assert not (tmp_path / "profile" / "profile.json").exists()
+
+
+def test_profile_records_latency_per_device_and_select_chooses_by_it(
+        workspace, registered, noisy_params, tmp_path):
+    from dynroute.platform.evaluate.latency import device_key
+    from dynroute.platform.registry.latency import record_latency
+
+    out = tmp_path / "profile"
+    result = invoke("profile", "--params", noisy_params, "--out", out,
+                    "--metrics", tmp_path / "profile-metrics.json")
+    assert result.exit_code == 0, result.output
+    key = device_key("cpu")
+    versions = {row["trial"]: row["version"] for row in registered["summary"]["versions"]}
+    tags = _latency_tags(workspace)
+    for trial in ("a", "b"):  # the front's versions; c was never registered
+        record = tags[trial][f"latency/{key}"]
+        assert 0 < record["p50_ms"] <= record["p90_ms"]
+        assert record["images"] == 4 and record["repeats"] == 3 and record["warmup"] == 1
+        assert record["resolution"] == [64, 128] and record["torch"] == torch.__version__
+        assert record["busy_elsewhere"] is not None and record["attempts"] in (1, 2, 3)
+        line = next(ln for ln in result.stderr.splitlines()
+                    if ln.startswith(f"  version {versions[trial]}: p50"))
+        assert record["disturbed"] is ("(DISTURBED)" in line)
+        assert not record["disturbed"] or record["attempts"] == 3  # measured again first
+    summary = json.loads((out / "profile.json").read_text())
+    assert summary["device"] == key and len(summary["image_ids"]) == 4
+    assert {v["version"] for v in summary["versions"]} == set(versions.values())
+    assert all(len(v["per_image_ms"]) == 4 for v in summary["versions"])
+    assert (out / "latency_front.png").read_bytes()[:4] == b"\x89PNG"
+    headline = json.loads((tmp_path / "profile-metrics.json").read_text())
+    assert headline["versions_profiled"] == 2
+    assert headline["disturbed"] == sum(tags[t][f"latency/{key}"]["disturbed"] for t in "ab")
+    assert f"{MODEL} on {key}" in result.stdout
+
+    # Figures set by hand on a second device: b is the more accurate, a the faster.
+    other = "cuda-test-gpu-torch-0"
+    for trial, (p50, p90) in {"a": (1.0, 2.0), "b": (3.0, 9.0)}.items():
+        record_latency(tracking_uri=workspace.server.uri, name=MODEL, version=versions[trial],
+                       device=other, record={"p50_ms": p50, "p90_ms": p90, "mean_ms": p50})
+
+    def select(*args: str):
+        return invoke("select", "--params", workspace.params, "--device", other, *args)
+
+    chosen = json.loads(select("--max-latency-ms", "10", "--json").stdout)
+    assert (chosen["version"], chosen["device"], chosen["percentile"], chosen["latency_ms"]) == (
+        versions["b"], other, "p90", 9.0)
+    assert json.loads(select("--max-latency-ms", "5", "--json").stdout)["version"] == \
+        versions["a"]  # b's p90 of 9 ms does not fit
+    assert json.loads(select("--max-latency-ms", "5", "--percentile", "p50",
+                             "--json").stdout)["version"] == versions["b"]  # its p50 does
+    both = select("--max-latency-ms", "10", "--max-gflops", "5", "--json")
+    assert json.loads(both.stdout)["version"] == versions["a"]  # b costs 6 GFLOPs
+    text = select("--max-latency-ms", "10")
+    assert f"p90 latency 9 ms on {other}" in text.stdout
+
+    none = select("--max-latency-ms", "1.5")
+    assert none.exit_code == 1 and none.stdout == ""
+    assert "no model on the registered front has p90 latency <= 1.5 ms" in none.stderr
+    assert f"fastest front version on {other} is version {versions['a']} at 2 ms p90" in \
+        none.stderr
+    never = invoke("select", "--params", workspace.params, "--max-latency-ms", "5",
+                   "--device", "cpu-never-profiled")
+    assert never.exit_code == 1 and "dynroute profile" in never.stderr
+    assert key in never.stderr and other in never.stderr  # the devices that were profiled
+    # This machine's device is the default. A second record for a device replaces the first
+    # (set by hand: the profile above may have been disturbed, and a disturbed figure is skipped).
+    for trial, p90 in {"a": 4.0, "b": 8.0}.items():
+        record_latency(tracking_uri=workspace.server.uri, name=MODEL, version=versions[trial],
+                       device=key, record={"p50_ms": 1.0, "p90_ms": p90, "mean_ms": 2.0})
+    here = json.loads(invoke("select", "--params", workspace.params, "--max-latency-ms", "6",
+                             "--json").stdout)
+    assert (here["device"], here["version"], here["latency_ms"]) == (key, versions["a"], 4.0)
+    record_latency(tracking_uri=workspace.server.uri, name=MODEL, version=versions["a"],
+                   device=key, record={"p50_ms": 1.0, "p90_ms": 4.0, "mean_ms": 2.0,
+                                       "disturbed": True})
+    skipped = invoke("select", "--params", workspace.params, "--max-latency-ms", "6")
+    assert skipped.exit_code == 1  # a's figure is disturbed, b's 8 ms does not fit
+    no_budget = invoke("select", "--params", workspace.params)
+    assert no_budget.exit_code == 1 and "--max-latency-ms" in no_budget.stderr

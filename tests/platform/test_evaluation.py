@@ -30,14 +30,14 @@ from dynroute.pipelines.prepare import prepare
 from dynroute.pipelines.synth import synthesize
 from dynroute.platform.data.dataset import ShardDataset
 from dynroute.platform.data.shards import read_scene_kinds
-from dynroute.platform.evaluate.evaluation import TTA, ConfusionMatrix, evaluate, infer
-from dynroute.platform.evaluate.latency import (
+from dynroute.platform.evaluate.disturbance import (
     MAX_BUSY_ELSEWHERE,
     BusyElsewhere,
-    device_key,
     disturbance,
     free_cores,
 )
+from dynroute.platform.evaluate.evaluation import TTA, ConfusionMatrix, evaluate, infer
+from dynroute.platform.evaluate.latency import device_key
 from dynroute.platform.evaluate.prediction_files import voc_palette
 from dynroute.platform.evaluate.results import PER_IMAGE_COLUMNS
 
