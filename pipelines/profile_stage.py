@@ -122,7 +122,7 @@ def run_profile(params: Params, *, uri: str | None, out: Path, model: str | None
     device = inference_device(ev.device, key="evaluate.device")
     key = device_key(device)
     images, ids = split_images(params.data.prepared, ev.split, tuple(ev.cost_resolution),
-                               limit=settings.images or None)
+                               limit=settings.limit)
     say = progress or (lambda _: None)
     say(f"profiling {len(versions)} version(s) of {registered} on {key}: {len(images)} "
         f"{ev.split} images at {ev.cost_resolution[0]}x{ev.cost_resolution[1]}, "
@@ -131,10 +131,7 @@ def run_profile(params: Params, *, uri: str | None, out: Path, model: str | None
     for v in versions:
         network, _ = load_model(f"models:/{registered}/{v.version}", tracking_uri=uri)
         profile = profile_latency(
-            network, images, device=device, warmup=settings.warmup, repeats=settings.repeats,
-            fast=ev.fast, attempts=settings.attempts, max_drift=settings.max_drift,
-            max_busy_elsewhere=settings.max_busy_elsewhere,
-            accept_disturbed=settings.accept_disturbed,
+            network, images, device=device, fast=ev.fast, **settings.options(),
             progress=lambda a, n, v=v: say(f"  version {v.version}: attempt {a} of {n}"))
         record_latency(tracking_uri=uri, name=registered, version=v.version, device=key,
                        record=_record(profile))

@@ -24,7 +24,7 @@ def search_spec(params: Params):
     return SearchSpec.resolve(params.tune, train_iterations=params.train.iterations,
                               split=params.evaluate.split,
                               cost_resolution=params.evaluate.cost_resolution,
-                              max_failures=params.run.max_failures)
+                              max_failures=params.run.max_failures, latency=params.profile)
 
 
 class TrialProgress:
@@ -51,7 +51,10 @@ class TrialProgress:
         self.progress(done - self.before, total - self.before)
         line = f"  trial {done} of {total}, {entry['id']}: {entry['state']}"
         if miou is not None and gflops is not None:
-            line += f" (mIoU {miou:.4f}, {gflops:.4g} GFLOPs at step {entry.get('step')})"
+            latency = entry.get(M.LATENCY_P90_MS)  # with tune.cost: latency, the objective
+            timed = f", p90 {latency:.4g} ms" if latency is not None else ""
+            line += (f" (mIoU {miou:.4f}, {gflops:.4g} GFLOPs{timed} at step "
+                     f"{entry.get('step')})")
         if self.best is not None:
             line += (f"; best so far {self.best['id']}: mIoU {self.best[M.MIOU]:.4f} at "
                      f"{self.best[M.GFLOPS_MEAN]:.4g} GFLOPs")

@@ -2,8 +2,9 @@
 
 The sections are the dataclasses of the rooms that use them, declared once: `model` is
 models.NetworkConfig, `train` train/recipe.py's TrainConfig, `run` train/spec.py's RunSettings
-(which TrainSpec inherits), `tune` search/study.py's TuneSettings (which SearchSpec inherits).
-The sections only the stages read (synth, data, evaluate, tracking, registry, profile) live here.
+(which TrainSpec inherits), `tune` search/study.py's TuneSettings (which SearchSpec inherits),
+`profile` evaluate/latency.py's LatencySettings (which the search's latency cost uses too).
+The sections only the stages read (synth, data, evaluate, tracking, registry) live here.
 
 Unknown keys are refused with the key's full name, so a typo never silently falls back to a
 default. DVC stages read their values through `dvc.yaml` templating (`${data.raw}`) and depend on
@@ -21,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from dynroute.models import NetworkConfig
+from dynroute.platform.evaluate.latency import LatencySettings
 from dynroute.platform.search.study import TuneSettings
 from dynroute.platform.train.recipe import TrainConfig
 from dynroute.platform.train.spec import RunSettings
@@ -87,34 +89,6 @@ class RegistryParams:
 
 
 @dataclass(frozen=True)
-class ProfileParams:
-    """How `dynroute profile` times the registered front (platform/evaluate/latency.py): on the
-    `evaluate` section's device, split, cost resolution and fast path."""
-
-    images: int = 0  # the first N images of the split; 0: all
-    warmup: int = 3  # untimed passes first
-    repeats: int = 5  # interleaved timed passes over every image (at least 3)
-    attempts: int = 3  # measurements before refusing a disturbed one
-    max_drift: float = 1.5  # slowest / fastest calibration or repeat total that is not disturbance
-    max_busy_elsewhere: float = 0.25  # CPU cores other processes may keep busy beyond ours' free
-    accept_disturbed: bool = False  # record disturbed figures, marked so, instead of refusing
-
-    def __post_init__(self) -> None:
-        if self.images < 0:
-            raise ValueError(f"profile.images = {self.images}: 0 (all) or a positive count")
-        if self.repeats < 3:
-            raise ValueError(f"profile.repeats = {self.repeats}: at least 3, so that one disturbed "
-                             f"repeat is never an image's median")
-        if self.warmup < 0 or self.attempts < 1:
-            raise ValueError(f"profile.warmup = {self.warmup}, profile.attempts = "
-                             f"{self.attempts}: warmup >= 0 and attempts >= 1")
-        if not self.max_drift > 1 or self.max_busy_elsewhere < 0:
-            raise ValueError(f"profile.max_drift = {self.max_drift} (a ratio above 1), "
-                             f"profile.max_busy_elsewhere = {self.max_busy_elsewhere} (cores, "
-                             f">= 0)")
-
-
-@dataclass(frozen=True)
 class Params:
     synth: SynthParams = field(default_factory=SynthParams)
     data: DataParams = field(default_factory=DataParams)
@@ -125,7 +99,7 @@ class Params:
     tracking: TrackingParams = field(default_factory=TrackingParams)
     tune: TuneSettings = field(default_factory=TuneSettings)
     registry: RegistryParams = field(default_factory=RegistryParams)
-    profile: ProfileParams = field(default_factory=ProfileParams)
+    profile: LatencySettings = field(default_factory=LatencySettings)
 
 
 def _build(cls: type, data: object, where: str):

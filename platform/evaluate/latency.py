@@ -46,8 +46,8 @@ from dynroute.platform.evaluate.disturbance import (
     sync,
 )
 
-__all__ = ["Conditions", "LatencyDisturbed", "LatencyProfile", "device_key", "processor_name",
-           "profile_latency", "split_images"]
+__all__ = ["Conditions", "LatencyDisturbed", "LatencyProfile", "LatencySettings", "device_key",
+           "processor_name", "profile_latency", "split_images"]
 
 class LatencyDisturbed(RuntimeError):
     """Every attempt at a profile was disturbed (drift above the limit)."""
@@ -87,6 +87,45 @@ def device_key(device: torch.device | str, *, threads: int | None = None) -> str
         return f"cuda-{_slug(processor_name(device))}-torch-{torch_version}"
     threads = torch.get_num_threads() if threads is None else threads
     return f"cpu-{_slug(processor_name(device))}-{threads}t-torch-{torch_version}"
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """How a latency is measured: `params.yaml`'s `profile:` section, used by `dynroute profile`
+    and by the search's trials with `tune.cost: latency`."""
+
+    images: int = 0  # the first N images of the split; 0: all
+    warmup: int = 3  # untimed passes first
+    repeats: int = 5  # interleaved timed passes over every image (at least 3)
+    attempts: int = 3  # measurements before refusing a disturbed one
+    max_drift: float = MAX_DRIFT  # slowest / fastest calibration or repeat total, undisturbed
+    max_busy_elsewhere: float = MAX_BUSY_ELSEWHERE  # cores others may use beyond our free ones
+    accept_disturbed: bool = False  # record disturbed figures, marked so, instead of refusing
+
+    def __post_init__(self) -> None:
+        if self.images < 0:
+            raise ValueError(f"profile.images = {self.images}: 0 (all) or a positive count")
+        if self.repeats < 3:
+            raise ValueError(f"profile.repeats = {self.repeats}: at least 3, so that one disturbed "
+                             f"repeat is never an image's median")
+        if self.warmup < 0 or self.attempts < 1:
+            raise ValueError(f"profile.warmup = {self.warmup}, profile.attempts = "
+                             f"{self.attempts}: warmup >= 0 and attempts >= 1")
+        if not self.max_drift > 1 or self.max_busy_elsewhere < 0:
+            raise ValueError(f"profile.max_drift = {self.max_drift} (a ratio above 1), "
+                             f"profile.max_busy_elsewhere = {self.max_busy_elsewhere} (cores, "
+                             f">= 0)")
+
+    @property
+    def limit(self) -> int | None:
+        """`split_images`'s limit: None for all."""
+        return self.images or None
+
+    def options(self) -> dict:
+        """`profile_latency`'s keyword arguments."""
+        return {"warmup": self.warmup, "repeats": self.repeats, "attempts": self.attempts,
+                "max_drift": self.max_drift, "max_busy_elsewhere": self.max_busy_elsewhere,
+                "accept_disturbed": self.accept_disturbed}
 
 
 @dataclass(frozen=True)

@@ -23,29 +23,34 @@ timed, its neighbours train flat out:
   they still share, the host, shows as calibration or repeat drift, which `profile_latency`
   judges.
 
-A measurement still disturbed after `LatencyTiming.attempts` fails the trial's evaluation with
+A measurement still disturbed after `profile.attempts` (the `profile:` section of params.yaml,
+`LatencySettings`, is how every latency here is measured) fails the trial's evaluation with
 `LatencyDisturbed` and its reason; Tune runs the trial again (`run.max_failures`), from its
 checkpoints. Recording a disturbed figure as the objective instead would put a 40x error into
-the front. Only `LatencyTiming.accept_disturbed` (tests on a shared machine) records such
-figures, marked `disturbed` in their noise.
+the front. Only `profile.accept_disturbed` records such figures, marked `disturbed` in their
+noise.
 
 **When.** Every stop of a trial is timed, MO-ASHA's rungs as well as the end: MO-ASHA ranks the
 trials at a rung on the study's two objectives, and ranking them there on GFLOPs would stop
-trials by an objective the study does not optimise. A profile costs images · repeats forward
-passes (16 · 5 by default), seconds beside a rung's training; with `cost: gflops` nothing is
-timed.
+trials by an objective the study does not optimise. A profile costs `profile.images` ·
+`profile.repeats` forward passes, seconds beside a rung's training; with `cost: gflops` nothing
+is timed.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dynroute.platform import metrics as M
-from dynroute.platform.evaluate.latency import LatencyDisturbed, profile_latency, split_images
+from dynroute.platform.evaluate.latency import (
+    LatencyDisturbed,
+    LatencySettings,
+    profile_latency,
+    split_images,
+)
 
 # The latency figures a report carries with cost: latency (p90 is the objective).
 LATENCY_KEYS = (M.LATENCY_P90_MS, M.LATENCY_P50_MS, M.LATENCY_MEAN_MS)
@@ -56,22 +61,6 @@ LATENCY_NOISE = "latency_noise"
 
 class LatencyConcurrencyError(ValueError):
     """`tune.cost: latency` with trials that would time each other on one CPU."""
-
-
-@dataclass(frozen=True)
-class LatencyTiming:
-    """How a trial's latency is measured (profile_latency's arguments)."""
-
-    images: int = 16  # the split's first images, at the cost resolution; every trial the same
-    warmup: int = 3
-    repeats: int = 5
-    attempts: int = 3  # measurements while disturbed, before the trial fails
-    accept_disturbed: bool = False  # record disturbed figures (marked) instead of failing
-
-    def __post_init__(self) -> None:
-        if self.images < 1 or self.repeats < 3 or self.warmup < 0 or self.attempts < 1:
-            raise ValueError(f"latency timing {self}: time at least 1 image, 3 repeats (so the "
-                             f"median is not one disturbed repeat), warmup >= 0, attempts >= 1")
 
 
 def check_concurrency(*, cost: str, max_concurrent: int, on_gpu: bool) -> None:
@@ -93,9 +82,9 @@ def trial_threads(trial_cpus: float) -> int:
 
 def measure_latency(network: nn.Module, *, data: str, split: str,
                     resolution: tuple[int, int], device: torch.device | str, threads: int,
-                    timing: LatencyTiming) -> dict:
-    """The latency figures of `network` on `split`'s first `timing.images` images at the cost
-    `resolution` (H, W), on `device` (with `threads` torch threads on a CPU).
+                    timing: LatencySettings) -> dict:
+    """The latency figures of `network` on `split`'s first `timing.images` images (0: all) at
+    the cost `resolution` (H, W), on `device` (with `threads` torch threads on a CPU).
 
     Returns:
         {latency_p90_ms, latency_p50_ms, latency_mean_ms: floats; latency_device: the device
@@ -105,15 +94,13 @@ def measure_latency(network: nn.Module, *, data: str, split: str,
     Raises:
         LatencyDisturbed: every attempt was disturbed (and not `timing.accept_disturbed`).
     """
-    images, _ = split_images(data, split, tuple(resolution), limit=timing.images)
+    images, _ = split_images(data, split, tuple(resolution), limit=timing.limit)
     device = torch.device(device)
     before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(threads)
     try:
-        profile = profile_latency(network, images, device=device, warmup=timing.warmup,
-                                  repeats=timing.repeats, attempts=timing.attempts,
-                                  accept_disturbed=timing.accept_disturbed)
+        profile = profile_latency(network, images, device=device, **timing.options())
     except LatencyDisturbed as error:
         raise LatencyDisturbed(f"{error}. The trial fails and Tune runs it again "
                                f"(run.max_failures); see platform/search/latency_cost.py"

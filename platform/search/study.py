@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 
 from dynroute.models import BUDGETS, NetworkConfig
 from dynroute.platform import metrics as M
-from dynroute.platform.search.latency_cost import LATENCY_KEYS, LatencyTiming
+from dynroute.platform.evaluate.latency import LatencySettings
+from dynroute.platform.search.latency_cost import LATENCY_KEYS
 from dynroute.platform.train.recipe import TrainConfig
 from dynroute.platform.train.spec import TrainSpec
 
@@ -211,7 +212,7 @@ class SearchSpec(TuneSettings):
     split: str = "val"
     cost_resolution: tuple[int, int] = (1024, 2048)
     max_failures: int = 1  # Tune retries of a failing trial
-    latency: LatencyTiming = field(default_factory=LatencyTiming)  # how, with cost: latency
+    latency: LatencySettings = field(default_factory=LatencySettings)  # profile: (cost: latency)
     ranges: dict[str, Range] = field(init=False, repr=False, compare=False)
 
     @classmethod

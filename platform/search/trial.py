@@ -25,7 +25,8 @@ from dynroute.platform.data.dataset import ShardDataset
 from dynroute.platform.data.shards import read_manifest, read_scene_kinds
 from dynroute.platform.device.fast_path import inference_device
 from dynroute.platform.evaluate.evaluation import evaluate
-from dynroute.platform.search.latency_cost import LatencyTiming, measure_latency, trial_threads
+from dynroute.platform.evaluate.latency import LatencySettings
+from dynroute.platform.search.latency_cost import measure_latency, trial_threads
 from dynroute.platform.search.study import (
     BY_KIND,
     SEEDED_ATTR,
@@ -118,7 +119,7 @@ def train_prefix(spec_dict: dict) -> tuple[str, str | None]:
 
 
 def train_and_evaluate(spec_dict: dict, *, stop: int | None, split: str,
-                       cost_resolution: tuple[int, int], latency: LatencyTiming | None = None,
+                       cost_resolution: tuple[int, int], latency: LatencySettings | None = None,
                        threads: int = 1) -> dict:
     """Train `spec` up to `stop` (None: the end), evaluate its checkpoint on `split` with hard
     routing (and time it as `latency` says, with `threads` on a CPU; None: no timing), log the
@@ -177,7 +178,7 @@ def rung_evaluation_options(spec: TrainSpec) -> dict | None:
 
 
 def evaluate_checkpoint(spec_dict: dict, checkpoint: str, *, split: str,
-                        cost_resolution: tuple[int, int], latency: LatencyTiming | None = None,
+                        cost_resolution: tuple[int, int], latency: LatencySettings | None = None,
                         threads: int = 1) -> dict:
     """The figures of `checkpoint` on `split` (a Ray task of its own: `rung_evaluation_options`)."""
     spec = TrainSpec.from_dict(spec_dict)
@@ -187,7 +188,7 @@ def evaluate_checkpoint(spec_dict: dict, checkpoint: str, *, split: str,
 
 
 def _evaluate(spec: TrainSpec, weights: dict, *, split: str, cost_resolution: tuple[int, int],
-              latency: LatencyTiming | None = None, threads: int = 1) -> dict:
+              latency: LatencySettings | None = None, threads: int = 1) -> dict:
     """mIoU and per-image GFLOPs of the network `weights` on `split`, with hard routing, on the
     GPU this process holds when the run trains on GPUs (else on the CPU); with `latency`, its
     latency there too (latency_cost.py: only when the study minimises it, timing costs time)."""

@@ -11,8 +11,9 @@ import pytest
 
 from dynroute.models import NetworkConfig
 from dynroute.platform import metrics as M
+from dynroute.platform.evaluate.latency import LatencySettings
 from dynroute.platform.search import trial as TR
-from dynroute.platform.search.latency_cost import LATENCY_DEVICE, LatencyTiming
+from dynroute.platform.search.latency_cost import LATENCY_DEVICE
 from dynroute.platform.search.study import REPORT_KEYS
 from dynroute.platform.train.recipe import TrainConfig
 from dynroute.platform.train.spec import TrainSpec
@@ -114,7 +115,7 @@ def test_a_multi_worker_gpu_rung_reports_what_the_in_task_evaluation_reports(tri
     assert M.LATENCY_P90_MS not in in_task, "cost: gflops times nothing"
     # tune.cost: latency: the task of its own times the network too (here on the CPU: torch
     # sees no GPU); the machine may be busy, so the timing is not judged
-    timing = LatencyTiming(images=1, warmup=0, repeats=3, attempts=1, accept_disturbed=True)
+    timing = LatencySettings(images=1, warmup=0, repeats=3, attempts=1, accept_disturbed=True)
     timed = ray.get(rung.remote(replace(spec, use_gpu=True, workers=1).to_dict(), **kwargs,
                                 latency=timing), timeout=300)
     assert timed[M.LATENCY_P90_MS] > 0 and timed[LATENCY_DEVICE].startswith("cpu-")

@@ -15,7 +15,7 @@ import torch
 
 from dynroute.models import build_network
 from dynroute.platform import metrics as M
-from dynroute.platform.evaluate.latency import LatencyDisturbed
+from dynroute.platform.evaluate.latency import LatencyDisturbed, LatencySettings
 from dynroute.platform.search import latency_cost as LC
 from dynroute.platform.search import study as S
 from dynroute.platform.search import tune as T
@@ -23,7 +23,7 @@ from dynroute.platform.search.mo_asha import MOASHA
 
 from .test_tune import TINY_MODEL, base_spec, search
 
-QUICK = LC.LatencyTiming(images=2, warmup=1, repeats=3, attempts=1)
+QUICK = LatencySettings(images=2, warmup=1, repeats=3, attempts=1)
 NOISE = {"spread", "busy_elsewhere", "calibration_drift", "repeat_drift", "attempts",
          "disturbed", "threads", "images", "repeats", "warmup"}
 
@@ -40,8 +40,8 @@ def test_bad_cost_settings_name_the_key(tmp_path, overrides, message):
 
 
 def test_a_timing_the_median_cannot_trust_is_refused():
-    with pytest.raises(ValueError, match="3 repeats"):
-        LC.LatencyTiming(repeats=2)
+    with pytest.raises(ValueError, match="at least 3"):
+        LatencySettings(repeats=2)
 
 
 def test_the_cost_picks_the_second_objective_and_the_report_keys(tmp_path):
