@@ -152,7 +152,8 @@ def run_profile(params: Params, *, uri: str | None, out: Path, model: str | None
                       "per_image_ms": list(p.profile.per_image_ms)} for p in profiled],
         "latency_front": list(front), "gflops_vs_latency": disagreement})
     plot = plot_fronts({d: [Point(id=v.version, miou=v.miou, gflops=v.latency[d].p90_ms)
-                            for v in everything if v.pareto and d in v.latency]
+                            for v in everything if v.pareto and d in v.latency
+                            and not v.latency[d].disturbed]
                         for d in profiled_devices(everything)},
                        out / PLOT_FILE, xlabel="p90 latency per image (ms)",
                        title=f"{registered}: mIoU against measured latency, per device")

@@ -67,6 +67,7 @@ def report(params: Params, *, artifacts: Path = Path("artifacts")) -> str:
         lines.append(f"  use one: dynroute select --max-gflops N, or "
                      f"dynroute predict --model models:/{registry['name']}@knee IMAGES…")
     lines.append("")
+    lines += profile_lines(artifacts / "profile" / "profile.json")
     if params.tracking.uri == "local":
         lines.append("MLflow UI (runs, the study's trials and their scatter, the registered "
                      "versions):\n  .venv/bin/dynroute ui   # then open the address it prints, "
@@ -74,6 +75,44 @@ def report(params: Params, *, artifacts: Path = Path("artifacts")) -> str:
     elif params.tracking.uri != "none":
         lines.append(f"MLflow UI: {params.tracking.uri}")
     return "\n".join(lines)
+
+
+def profile_lines(path: Path) -> list[str]:
+    """The front's latency on the device `dynroute profile` last ran on (its profile.json): per
+    version, the front in (mIoU, p90 latency) beside the GFLOPs front, and how far the two
+    orders agree."""
+    document = _read(path)
+    if not document or not document.get("versions"):
+        return []
+    c = document.get("conditions") or {}
+    res = c.get("resolution") or ["?", "?"]
+    versions = sorted(document["versions"], key=lambda v: v["gflops_mean"] or 0)
+    front = document.get("latency_front", [])
+    lines = [f"Latency on {document['device']} (dynroute profile: {c.get('images')} "
+             f"{document.get('split')} images at {res[0]}x{res[1]}, {c.get('warmup')} warm-up, "
+             f"{c.get('repeats')} interleaved repeats; the median per image):",
+             f"  {'version':>7}  {'trial':<26}{'mIoU':>8}{'GFLOPs':>9}{'p50 ms':>9}{'p90 ms':>9}"
+             f"{'spread':>8}  latency front"]
+    for v in versions:
+        note = "yes" if v["version"] in front else "-"
+        spread = f"{100 * v['spread']:.1f}%" if v.get("spread") is not None else "-"
+        lines.append(f"  {v['version']:>7}  {(v.get('trial') or '-')[:25]:<26}"
+                     f"{_num(v.get('miou'), '.4f'):>8}{_num(v.get('gflops_mean')):>9}"
+                     f"{_num(v.get('p50_ms')):>9}{_num(v.get('p90_ms')):>9}"
+                     f"{spread:>8}"
+                     f"  {note}{'  DISTURBED' if v.get('disturbed') else ''}")
+    d = document.get("gflops_vs_latency") or {}
+    lines.append(f"  GFLOPs front: versions {', '.join(v['version'] for v in versions)} (cheapest "
+                 f"first); latency front: {', '.join(front) or 'none'} (fastest first)")
+    if d.get("pairs"):
+        lines.append(f"  GFLOPs and p90 latency order {d['pairs'] - d['discordant']} of "
+                     f"{d['pairs']} version pairs alike (Kendall tau {d['kendall_tau']:.2f})")
+    if any(v.get("disturbed") for v in versions):
+        lines.append("  DISTURBED: another job shared the device; such figures are kept out of "
+                     "the front and of select: profile again on a quiet machine")
+    lines += ["  use one: dynroute select --max-latency-ms N [--percentile p50] (this machine), "
+              "or --device KEY", ""]
+    return lines
 
 
 def _spread(figures: dict) -> str:

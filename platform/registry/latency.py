@@ -102,13 +102,13 @@ def profiled_devices(versions: Iterable[RegisteredVersion]) -> list[str]:
 def latency_front(versions: Iterable[RegisteredVersion], device: str, *,
                   percentile: str = "p90") -> list[RegisteredVersion]:
     """The versions on the front of (mIoU max, latency at `percentile` on `device` min), fastest
-    first, among the GFLOPs front's versions (tag pareto=true) profiled on `device`.
+    first, among the GFLOPs front's versions (tag pareto=true) with an undisturbed figure there.
 
     The pareto functions minimise the cost they find in a point's `gflops`; here it carries the
     latency in ms.
     """
     profiled = {v.version: v for v in versions if v.pareto and device in v.latency
-                and math.isfinite(v.miou)}
+                and not v.latency[device].disturbed and math.isfinite(v.miou)}
     points = [Point(id=v.version, miou=v.miou, gflops=v.latency[device].ms(percentile))
               for v in profiled.values()]
     return [profiled[p.id] for p in sorted(pareto_front(points), key=lambda p: p.gflops)]

@@ -11,8 +11,8 @@ its slow images, not its average one; p50 and the mean are recorded beside it.
 `tune.trial_cpus` CPUs reserved, but Ray does not pin a trial to its cores. While one trial is
 timed, its neighbours train flat out:
 
-* On a CPU they take cores, memory bandwidth and cache from the timing. On our 2-core machine a
-  job sharing the cores moved one network's p50 from 26.7 ms to 1,129 ms, and a trial timed
+* On a CPU they take cores, memory bandwidth and cache from the timing. A job sharing the cores
+  made one network tens of times slower (docs/latency.md), and a trial timed
   beside a training is not comparable with one timed alone: the sampler would learn the
   neighbours' schedule, not the network. So with trials on the CPU (`run.use_gpu` off)
   `check_concurrency` refuses any `tune.max_concurrent` but 1 (0, "as many as fit",

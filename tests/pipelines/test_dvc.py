@@ -1,6 +1,6 @@
 """`dvc repro` of the whole pipeline (synth → prepare → train → evaluate → tune → pareto →
-register), as a user runs it from a fresh clone (real DVC, real git, a real local MLflow server
-per stage, a real Ray Tune + Optuna study)."""
+register → profile), as a user runs it from a fresh clone (real DVC, real git, a real local
+MLflow server per stage, a real Ray Tune + Optuna study)."""
 
 import json
 import os
@@ -72,6 +72,13 @@ def test_repro_is_reproducible_incremental_and_pushes_to_the_default_remote(tmp_
     assert set(shown["metrics/pareto.json"]["data"]) == {"hypervolume", "front_size", "trials",
                                                         "knee"}
     assert set(shown["metrics/registry.json"]["data"]) == {"versions_on_front", "knee_version"}
+    # the last stage timed the front on this machine and recorded it per device
+    profiled = shown["metrics/profile.json"]["data"]
+    assert set(profiled) == {"versions_profiled", "latency_front_size",
+                             "kendall_tau_gflops_latency", "disturbed"}
+    assert profiled["versions_profiled"] >= 1 and profiled["disturbed"] == 0
+    profile = json.loads((a / "artifacts" / "profile" / "profile.json").read_text())
+    assert profile["device"].startswith("cpu-") and len(profile["image_ids"]) == 3
     assert (a / "artifacts" / "runs" / "train" / "checkpoint_00000006" / "state.pt").is_file()
     plots = sh("dvc", "plots", "show", "--json", cwd=a)
     assert "per_class_iou.json" in plots and "gflops_per_image.json" in plots
@@ -98,6 +105,7 @@ def test_repro_is_reproducible_incremental_and_pushes_to_the_default_remote(tmp_
     assert all(f"  {t['id']}" in report for t in trials)
     assert re.search(r"knee \S+: per image GFLOPs min [\d.]+ / p50 [\d.]+ / max", report)
     assert re.search(r"small  scenes: +\d+ images", report), report
+    assert f"Latency on {profile['device']} (dynroute profile: 3 val images at 64x128" in report
 
     # a second run is incremental: nothing is redone
     stamp = (a / "data" / "prepared" / "manifest.json").stat().st_mtime_ns

@@ -78,6 +78,7 @@ def test_each_device_has_its_own_front_among_the_gflops_front():
         version(2, 0.60, 5.0, {CPU: figures(30, 40), GPU: figures(1.5, 1.8)}),  # fast on GPU
         version(3, 0.64, 12.0, {CPU: figures(25, 35)}),  # beats 2 on the CPU
         version(4, 0.70, 20.0, {CPU: figures(5, 6)}, pareto=False),  # off the GFLOPs front
+        version(5, 0.80, 20.0, {CPU: figures(5, 6, disturbed=True)}),  # not a figure to trust
     ]
     assert [v.version for v in latency_front(versions, CPU)] == ["1", "3"]
     assert [v.version for v in latency_front(versions, GPU)] == ["2"]  # faster and better
