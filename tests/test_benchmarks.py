@@ -136,6 +136,18 @@ def test_warm_start_benchmark_runs_at_smoke_size():
     assert (scratch, shared) == (2 * 5, 2 + 2 * 3), "2 trials of 5 steps sharing ⌊0.4·5⌋ = 2"
 
 
+def test_latency_noise_benchmark_runs_and_notices_the_hogs():
+    res = subprocess.run([sys.executable, "benchmarks/latency_noise.py", "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()
+            if line.split() and line.split()[0] in ("quiet", "one-hog", "all-hogs")}
+    assert set(rows) == {"quiet", "one-hog", "all-hogs"}
+    busy = {name: float(row[5]) for name, row in rows.items()}
+    # a spinning process per core takes at least half a core from the timing, and is noticed
+    assert busy["all-hogs"] >= 0.5 and rows["all-hogs"][-1] == "DISTURBED"
+
+
 def _session(tmp_path, *args):
     env = os.environ | {"SMOKE": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
     return subprocess.run(["bash", "benchmarks/gpu_session.sh", *args], cwd=ROOT, env=env,
