@@ -156,3 +156,16 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
     finally:
         if mounted:
             subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray cluster of 2 CPUs for the module's tests (started as `dynroute` starts it:
+    on loopback), shut down after them."""
+    import ray  # lazy: most tests here never start Ray
+
+    from dynroute.platform.train.ray_train import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()

@@ -86,17 +86,6 @@ def objective_without_gflops(config):
         tune.report({"step": step, "miou": 0.5})
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from dynroute.platform.train.ray_train import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_mo_asha_stops_exactly_the_trials_the_rule_says(ray_cluster, tmp_path):
     from ray import tune

@@ -317,17 +317,6 @@ def test_resume_after_the_driver_is_killed(prepared, tmp_path):
 
 # -- real studies ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from dynroute.platform.train.ray_train import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     from dynroute.platform.tracking.server import MlflowServer
 

@@ -128,17 +128,6 @@ def test_a_timing_another_process_disturbs_fails_the_trial(prepared):
 
 
 # -- a real search ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from dynroute.platform.train.ray_train import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_a_latency_search_minimises_the_measured_p90(ray_cluster, prepared, tmp_path):
     # accept_disturbed: the test machine runs other jobs; the figures are then marked so
