@@ -20,7 +20,7 @@ from dynroute.platform.data.shards import read_manifest, read_scene_kinds
 from dynroute.platform.device.fast_path import inference_device
 from dynroute.platform.evaluate.evaluation import TTA, evaluate
 from dynroute.platform.evaluate.plots import plot_gate_probability, plot_route
-from dynroute.platform.evaluate.results import LATENCY_DISTURBED, EvaluationLatency
+from dynroute.platform.evaluate.results import EvaluationLatency
 from dynroute.platform.files import write_json_atomic
 from dynroute.platform.tracking import runs
 from dynroute.platform.train.checkpoints import load_model
@@ -110,7 +110,7 @@ def _track_evaluation(uri, params, source, training_run_id, manifest, summary, o
     tags = runs.provenance_tags(data_hash=manifest.content_hash) | {
         "stage": "evaluate", "model_source": source}
     if latency is not None:
-        tags |= {"latency_device": latency.key, LATENCY_DISTURBED: str(latency.disturbed).lower()}
+        tags |= {"latency_device": latency.key, M.LATENCY_DISTURBED: str(latency.disturbed).lower()}
         if latency.disturbed:
             tags["latency_reason"] = latency.disturbance.reason
     if training_run_id:

@@ -25,6 +25,11 @@ LATENCY_MS = "latency_ms"
 LATENCY_P50_MS = "latency_p50_ms"
 LATENCY_P90_MS = "latency_p90_ms"
 LATENCY_MEAN_MS = "latency_mean_ms"
+# Whether another job disturbed a timing, and the two figures that tell
+# (platform/evaluate/disturbance.py): CPU cores busy elsewhere, calibration drift.
+LATENCY_DISTURBED = "latency_disturbed"
+LATENCY_BUSY_ELSEWHERE = "latency_busy_elsewhere"
+LATENCY_CALIBRATION_DRIFT = "latency_calibration_drift"
 LOSS_SEGMENTATION = "loss_seg"
 LOSS_BUDGET = "loss_budget"
 LEARNING_RATE = "lr"

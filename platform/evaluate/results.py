@@ -23,13 +23,8 @@ from dynroute.platform.evaluate.latency import Conditions
 if TYPE_CHECKING:
     from dynroute.platform.evaluate.evaluation import TTA, ConfusionMatrix
 
-PER_IMAGE_COLUMNS = ("id", "gflops", "latency_ms", "latency_disturbed", "pixel_accuracy",
-                     "paths_open")
-# What an evaluation's latency record adds to its summary (MLflow metrics, metrics.json): whether
-# another job disturbed the timing, and the two figures that tell.
-LATENCY_DISTURBED = "latency_disturbed"
-LATENCY_BUSY_ELSEWHERE = "latency_busy_elsewhere"
-LATENCY_CALIBRATION_DRIFT = "latency_calibration_drift"
+PER_IMAGE_COLUMNS = ("id", "gflops", metrics.LATENCY_MS, metrics.LATENCY_DISTURBED,
+                     "pixel_accuracy", "paths_open")
 
 
 @dataclass(frozen=True)
@@ -164,9 +159,9 @@ class EvaluationResult:
             flat |= {f"{name}_{stat}": finite(value) for stat, value in asdict(dist).items()}
         if self.latency is not None:
             d = self.latency.disturbance
-            flat |= {LATENCY_DISTURBED: d.disturbed,
-                     LATENCY_BUSY_ELSEWHERE: finite(d.busy_elsewhere),
-                     LATENCY_CALIBRATION_DRIFT: finite(d.calibration_drift)}
+            flat |= {metrics.LATENCY_DISTURBED: d.disturbed,
+                     metrics.LATENCY_BUSY_ELSEWHERE: finite(d.busy_elsewhere),
+                     metrics.LATENCY_CALIBRATION_DRIFT: finite(d.calibration_drift)}
         return flat | {
             "latency": None if self.latency is None else self.latency.to_dict(),
             "cost_height": self.cost_resolution[0], "cost_width": self.cost_resolution[1],
@@ -186,7 +181,8 @@ class EvaluationResult:
             "id": pa.array([r.id for r in rows], pa.string()),
             **{c: pa.array([getattr(r, c) for r in rows], pa.float64())
                for c in ("gflops", "latency_ms")},
-            "latency_disturbed": pa.array([self.latency_disturbed] * len(rows), pa.bool_()),
+            metrics.LATENCY_DISTURBED: pa.array([self.latency_disturbed] * len(rows),
+                                                pa.bool_()),
             "pixel_accuracy": pa.array([r.pixel_accuracy for r in rows], pa.float64()),
             "paths_open": pa.array([r.paths_open for r in rows], pa.int64()),
         })
