@@ -350,3 +350,22 @@ def test_profile_records_latency_per_device_and_select_chooses_by_it(
     assert skipped.exit_code == 1  # a's figure is disturbed, b's 8 ms does not fit
     no_budget = invoke("select", "--params", workspace.params)
     assert no_budget.exit_code == 1 and "--max-latency-ms" in no_budget.stderr
+
+
+def test_profile_one_version_by_alias_and_refuse_what_names_none(workspace, registered,
+                                                                  noisy_params, tmp_path):
+    versions = {row["trial"]: row["version"] for row in registered["summary"]["versions"]}
+    out = tmp_path / "one"
+    one = invoke("profile", "--params", noisy_params, "--out", out, "--model",
+                 f"models:/{MODEL}@best-miou")
+    assert one.exit_code == 0, one.output
+    summary = json.loads((out / "profile.json").read_text())
+    assert [v["version"] for v in summary["versions"]] == [versions["b"]]
+    for model, message in ((f"models:/{MODEL}@nope", "no such version or alias; versions: "),
+                           (f"models:/{MODEL}/99", "no such version or alias"),
+                           ("models:/other/1", f"give models:/{MODEL}/VERSION or "
+                                                f"models:/{MODEL}@ALIAS")):
+        refused = invoke("profile", "--params", noisy_params, "--out", tmp_path / "bad",
+                         "--model", model)
+        assert refused.exit_code == 1 and message in refused.stderr, refused.output
+    assert not (tmp_path / "bad").exists()
