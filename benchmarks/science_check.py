@@ -285,7 +285,7 @@ def report_seed(seed: int, results: dict, args: argparse.Namespace) -> None:
           f"{args.train_images} train / {args.val_images} val images, L={args.layers}, "
           f"C0={args.base_channels}, {args.iterations} iterations, batch 8, data seed {seed}, "
           f"crop {args.crop[0]}x{args.crop[1]}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{_training_threads(args)} threads per training, {args.jobs} at once")
     print(f"{'network':<14}{'mIoU':>8}{'chance':>8}{'GFLOPs mean':>13}{'min':>8}{'max':>8}"
           f"{'cells+paths':>13}{'of all-open':>13}")
     for name, r in results.items():
@@ -445,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _training_threads(args: argparse.Namespace) -> int:
+    """torch threads of each training: all of this process's, shared out among --jobs."""
+    return max(1, torch.get_num_threads() // args.jobs)
+
+
 def _threads(count: int) -> None:
     torch.set_num_threads(count)
 
@@ -458,7 +463,7 @@ def _run_seeds(work: Path, args: argparse.Namespace):
         for seed in args.seeds:
             yield seed, run_seed(seed, work / f"seed-{seed}", args)
         return
-    threads = max(1, torch.get_num_threads() // args.jobs)
+    threads = _training_threads(args)
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that holds OpenMP threads
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn, initializer=_threads,
                              initargs=(threads,)) as pool:
@@ -471,7 +476,7 @@ def _run_seeds(work: Path, args: argparse.Namespace):
 def _summary(per_seed: dict[int, dict], comparison: dict, args: argparse.Namespace) -> dict:
     """The printed figures as JSON (without the per-image arrays)."""
     out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "seeds": {},
+           "torch": torch.__version__, "threads": _training_threads(args), "seeds": {},
            "dynamic_vs_static": comparison}
     for seed, result in per_seed.items():
         networks = out["seeds"][str(seed)] = {}
