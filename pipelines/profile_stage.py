@@ -13,7 +13,6 @@ and the headline to the DVC metrics file.
 from __future__ import annotations
 
 import datetime
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from dynroute.platform.evaluate.latency import (
     profile_latency,
     split_images,
 )
+from dynroute.platform.evaluate.results import finite
 from dynroute.platform.files import write_json_atomic
 from dynroute.platform.pareto.analysis import Point
 from dynroute.platform.pareto.plots import plot_fronts
@@ -89,17 +89,10 @@ def _versions(uri: str, name: str, model: str | None) -> tuple[str, list[Registe
     return registered, chosen
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # JSON has no NaN: a tag never written
-
-
 def _record(profile: LatencyProfile) -> dict:
     """The figures a version's tag keeps: the headline, the noise and the conditions."""
     return {"p50_ms": profile.p50_ms, "p90_ms": profile.p90_ms, "mean_ms": profile.mean_ms,
-            "spread": profile.spread, "busy_elsewhere": _finite(profile.busy_elsewhere),
-            "calibration_drift": profile.calibration_drift, "repeat_drift": profile.repeat_drift,
-            "attempts": profile.attempts, "disturbed": profile.disturbed,
-            **asdict(profile.conditions),
+            **profile.noise(), **asdict(profile.conditions),
             "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
@@ -147,8 +140,8 @@ def run_profile(params: Params, *, uri: str | None, out: Path, model: str | None
         "name": registered, "device": key, "split": ev.split, "image_ids": ids,
         "conditions": asdict(profiled[0].profile.conditions) if profiled else None,
         "versions": [{"version": p.version.version, "trial": p.version.trial,
-                      "aliases": list(p.version.aliases), M.MIOU: _finite(p.version.miou),
-                      M.GFLOPS_MEAN: _finite(p.version.gflops_mean), **_record(p.profile),
+                      "aliases": list(p.version.aliases), M.MIOU: finite(p.version.miou),
+                      M.GFLOPS_MEAN: finite(p.version.gflops_mean), **_record(p.profile),
                       "per_image_ms": list(p.profile.per_image_ms)} for p in profiled],
         "latency_front": list(front), "gflops_vs_latency": disagreement})
     plot = plot_fronts({d: [Point(id=v.version, miou=v.miou, gflops=v.latency[d].p90_ms)

@@ -23,12 +23,13 @@ route; `split_images` reads a split's images at the cost resolution for it.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -170,18 +171,14 @@ class LatencyProfile:
             raise ValueError(f"percentile {which!r}: use p50 or p90")
         return self.p50_ms if which == "p50" else self.p90_ms
 
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["conditions"]["resolution"] = list(self.conditions.resolution)
-        out["per_image_ms"] = list(self.per_image_ms)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LatencyProfile:
-        conditions = dict(data["conditions"])
-        conditions["resolution"] = tuple(conditions["resolution"])
-        return cls(**{**data, "conditions": Conditions(**conditions),
-                      "per_image_ms": tuple(data["per_image_ms"])})
+    def noise(self) -> dict:
+        """How noisy the figures are and whether another job disturbed them, as JSON (None for
+        a figure that is not finite: JSON has no NaN)."""
+        figures = {"spread": self.spread, "busy_elsewhere": self.busy_elsewhere,
+                   "calibration_drift": self.calibration_drift,
+                   "repeat_drift": self.repeat_drift}
+        return {**{k: v if math.isfinite(v) else None for k, v in figures.items()},
+                "attempts": self.attempts, "disturbed": self.disturbed}
 
 
 def split_images(data: str, split: str, resolution: tuple[int, int], *,

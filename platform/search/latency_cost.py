@@ -39,8 +39,6 @@ is timed.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -107,17 +105,8 @@ def measure_latency(network: nn.Module, *, data: str, split: str,
                                ) from error
     finally:
         torch.set_num_threads(before)
-    noise = {"spread": profile.spread, "busy_elsewhere": profile.busy_elsewhere,
-             "calibration_drift": profile.calibration_drift,
-             "repeat_drift": profile.repeat_drift, "attempts": profile.attempts,
-             "disturbed": profile.disturbed, "threads": profile.conditions.threads,
-             "images": profile.conditions.images, "repeats": profile.conditions.repeats,
-             "warmup": profile.conditions.warmup}
+    c = profile.conditions
     return {M.LATENCY_P90_MS: profile.p90_ms, M.LATENCY_P50_MS: profile.p50_ms,
             M.LATENCY_MEAN_MS: profile.mean_ms, LATENCY_DEVICE: profile.key,
-            LATENCY_NOISE: {k: _finite(v) for k, v in noise.items()}}
-
-
-def _finite(value):
-    """None for NaN or infinity (trials.json is strict JSON), else the value."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+            LATENCY_NOISE: profile.noise() | {"threads": c.threads, "images": c.images,
+                                              "repeats": c.repeats, "warmup": c.warmup}}
