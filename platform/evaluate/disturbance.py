@@ -111,10 +111,16 @@ class BusyElsewhere:
 
     children: count this process's children as our own work, not as others': an evaluation's
     loader processes decode its images, and are part of how it runs, not another job.
+    min_seconds: the shortest window to judge. The kernel counts busy time in ticks of 10 ms, so
+        over a timing of a few ms one tick of another process reads as whole cores busy (a
+        quiet machine judged crowded), and a job that started a moment before reads as none. A
+        shorter block is extended by waiting, which costs our timing nothing: whatever keeps
+        cores busy during the wait is still another job.
     """
 
-    def __init__(self, *, children: bool = False) -> None:
+    def __init__(self, *, children: bool = False, min_seconds: float = 0.5) -> None:
         self.children = children
+        self.min_seconds = min_seconds
 
     def __enter__(self) -> BusyElsewhere:
         self._busy, self._own = _cpu_seconds_busy(), self._own_seconds()
@@ -123,6 +129,9 @@ class BusyElsewhere:
         return self
 
     def __exit__(self, *exc) -> None:
+        short = self.min_seconds - (time.monotonic() - self._wall)
+        if short > 0:
+            time.sleep(short)
         busy, own, wall = _cpu_seconds_busy(), self._own_seconds(), time.monotonic()
         if self._busy is not None and busy is not None and wall > self._wall:
             others = (busy - self._busy) - (own - self._own)
