@@ -207,7 +207,9 @@ def test_sigterm_ends_a_ray_training_and_its_ray_cluster(prepared, tmp_path):
 
 
 def test_sigterm_leaves_no_temporary_folder_of_prepare(tmp_path):
-    synthesize("cityscapes", tmp_path / "raw", train=120, val=4, height=256, width=512, seed=1)
+    # 480 images, about 4 s of preparing: with 120 (1 s) the command once finished before the
+    # SIGTERM sent at its first shard arrived (CI, 2026-12-06)
+    synthesize("cityscapes", tmp_path / "raw", train=480, val=4, height=256, width=512, seed=1)
     out = tmp_path / "prepared"
     proc = start("data", "prepare", "--dataset", "cityscapes", "--raw", str(tmp_path / "raw"),
                  "--out", str(out), "--workers", "2", "--rows-per-shard", "8", cwd=tmp_path)
